@@ -1,0 +1,127 @@
+"""``anomalib-dsr``: DSR tools that anomalib's own CLI does not cover.
+
+Training, testing, prediction and export go through ``anomalib train|test|predict|export --model
+anomalib_dsr.Dsr``; this command adds VQ-VAE pretraining, the offline demo, import and export of the
+authors' released weights, and the paper-comparison table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from anomalib_dsr.demo import DemoSettings, run_demo
+from anomalib_dsr.original_checkpoint import export_original, import_original
+from anomalib_dsr.original_format import WeightsError
+from anomalib_dsr.paper_table import table_from_files
+from anomalib_dsr.pretraining import pretrain_vq
+
+
+def _pretrain_vq(args: argparse.Namespace) -> None:
+    path = pretrain_vq(
+        args.images,
+        args.output,
+        image_size=args.image_size,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=not args.no_resume,
+        seed=args.seed,
+        trainer_kwargs={"accelerator": args.accelerator, "precision": args.precision},
+        channels=args.channels,
+        res_hidden=args.res_hidden,
+        num_embeddings=args.num_embeddings,
+        embedding_dim=args.embedding_dim,
+    )
+    print(f"VQ-VAE weights written to {path}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    run_demo(args.output, DemoSettings(dsr_steps=args.steps, vq_steps=args.vq_steps))
+
+
+def _import_original(args: argparse.Namespace) -> None:
+    try:
+        path = import_original(args.checkpoints, args.category, args.output, vq=args.vq)
+    except WeightsError as error:
+        raise SystemExit(f"anomalib-dsr import-original: error: {error}") from None
+    print(f"Lightning checkpoint written to {path}; use it with e.g. anomalib test --model anomalib_dsr.Dsr --ckpt_path {path}")
+
+
+def _export_original(args: argparse.Namespace) -> None:
+    try:
+        paths = export_original(args.ckpt, args.output, args.category)
+    except WeightsError as error:
+        raise SystemExit(f"anomalib-dsr export-original: error: {error}") from None
+    print("Original-layout files written:", *paths, sep="\n  ")
+
+
+def _paper_table(args: argparse.Namespace) -> None:
+    try:
+        table = table_from_files(args.results)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"anomalib-dsr paper-table: error: {error}") from None
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomalib-dsr", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = commands.add_parser("pretrain-vq", help="Pretrain the general VQ-VAE (phase 1) on folders of images.")
+    pretrain.add_argument("--images", nargs="+", required=True, help="Folders searched recursively for images.")
+    pretrain.add_argument("--output", required=True, help="Weights file to write (original DSR layout).")
+    pretrain.add_argument("--image-size", type=int, default=256, help="Training resolution (paper: 256).")
+    pretrain.add_argument("--max-steps", type=int, default=100_000, help="Optimisation steps (recipe: 100,000).")
+    pretrain.add_argument("--batch-size", type=int, default=64, help="Batch size (recipe: 64).")
+    pretrain.add_argument("--num-workers", type=int, default=4)
+    pretrain.add_argument("--checkpoint-dir", default=None, help="Lightning checkpoints (default: beside --output).")
+    pretrain.add_argument("--no-resume", action="store_true", help="Start afresh even if a last.ckpt exists.")
+    pretrain.add_argument("--seed", type=int, default=0)
+    pretrain.add_argument("--accelerator", default="auto")
+    pretrain.add_argument("--precision", default="32-true", help="Lightning precision, e.g. bf16-mixed.")
+    pretrain.add_argument("--channels", type=int, default=128, help="Paper: 128.")
+    pretrain.add_argument("--res-hidden", type=int, default=64, help="Paper: 64.")
+    pretrain.add_argument("--num-embeddings", type=int, default=4096, help="Paper: 4096.")
+    pretrain.add_argument("--embedding-dim", type=int, default=128, help="Paper: 128.")
+    pretrain.set_defaults(func=_pretrain_vq)
+
+    demo = commands.add_parser("demo", help="Build the demo dataset, pretrain, train, test (offline, CPU).")
+    demo.add_argument("--output", default="demo_output", help="Folder for all demo outputs.")
+    demo.add_argument("--steps", type=int, default=DemoSettings.dsr_steps, help="DSR training steps.")
+    demo.add_argument("--vq-steps", type=int, default=DemoSettings.vq_steps, help="VQ-VAE pretraining steps.")
+    demo.set_defaults(func=_demo)
+
+    imp = commands.add_parser("import-original", help="The authors' released weights → a Lightning checkpoint of Dsr.")
+    imp.add_argument("--checkpoints", required=True, help="Folder of the released DSR_*_<category>.pckl files.")
+    imp.add_argument("--category", required=True, help="The <category> in those file names, e.g. bottle.")
+    imp.add_argument("--vq", default=None, help="General VQ-VAE file (default: CHECKPOINTS/vq_model_pretrained_128_4096.pckl).")
+    imp.add_argument("--output", required=True, help="Lightning checkpoint to write, e.g. model.ckpt.")
+    imp.set_defaults(func=_import_original)
+
+    exp = commands.add_parser("export-original", help="A Dsr Lightning checkpoint → the authors' file layout.")
+    exp.add_argument("--ckpt", required=True, help="Lightning checkpoint of anomalib_dsr.Dsr.")
+    exp.add_argument("--output", required=True, help="Folder for the six .pckl files.")
+    exp.add_argument("--category", required=True, help="The <category> to put in the file names.")
+    exp.set_defaults(func=_export_original)
+
+    table = commands.add_parser("paper-table", help="Per-category test metrics → markdown table beside the paper's.")
+    table.add_argument("results", nargs="+", help="JSON/CSV metrics files, as CATEGORY=PATH or PATH (category in the path).")
+    table.add_argument("--output", default=None, help="Also write the table to this markdown file.")
+    table.set_defaults(func=_paper_table)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Phase 1: pretraining the general VQ-VAE on folders of images (SPEC §4).
+
+The authors released weights but no training code; this follows their later recipe: Adam, lr 2e-4,
+LR x0.1 at 80 % and 90 % of the steps, L2 reconstruction loss plus the commitment losses, EMA
+codebooks. The result is written in the original tensor layout, interchangeable with
+``vq_model_pretrained_128_4096.pckl``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from anomalib.data.utils import read_image
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms.v2 import functional as TF
+
+from anomalib_dsr.original_format import VQ_FORMAT, original_state
+from anomalib_dsr.vq_vae import GeneralVQVAE
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class ImageFolders(Dataset):
+    """Every image under the given folders (recursively), resized to ``image_size``, RGB in [0, 1]."""
+
+    def __init__(self, folders: Sequence[str | Path], image_size: int) -> None:
+        self.image_size = image_size
+        self.paths: list[Path] = []
+        for folder in map(Path, folders):
+            if not folder.is_dir():
+                msg = f"Image folder not found: {folder}"
+                raise FileNotFoundError(msg)
+            self.paths += sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not self.paths:
+            msg = f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {', '.join(map(str, folders))}."
+            raise ValueError(msg)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            image = read_image(path, as_tensor=True)
+        except Exception as error:  # PIL raises many types for broken files
+            msg = f"Cannot read image {path}: {error}"
+            raise ValueError(msg) from error
+        return TF.resize(image, [self.image_size, self.image_size], antialias=True)
+
+
+class VQVAEPretraining(pl.LightningModule):
+    """Trains :class:`GeneralVQVAE` on RGB batches; the VQ-VAE sees them as BGR like the released model.
+
+    Args:
+        channels, res_hidden, num_embeddings, embedding_dim: widths (paper: 128, 64, 4096, 128).
+        learning_rate: Adam LR (paper's later recipe: 2e-4), x0.1 at 80 % and 90 % of the steps.
+        dead_code_threshold: EMA cluster size under which a code is restarted on a random feature
+            (not in the paper; keeps small-data runs from collapsing onto a few codes; 0 = off).
+    """
+
+    def __init__(
+        self,
+        channels: int = 128,
+        res_hidden: int = 64,
+        num_embeddings: int = 4096,
+        embedding_dim: int = 128,
+        learning_rate: float = 2e-4,
+        dead_code_threshold: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GeneralVQVAE(
+            channels, res_hidden, num_embeddings, embedding_dim, dead_code_threshold=dead_code_threshold
+        )
+        self.learning_rate = learning_rate
+
+    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        del batch_idx
+        images = images.flip(1)  # RGB → BGR, the released weights' channel order (SPEC §4)
+        reconstruction, lo, hi = self.model(images)
+        reconstruction_loss = F.mse_loss(reconstruction, images)
+        loss = reconstruction_loss + lo.commitment_loss + hi.commitment_loss
+        self.log("reconstruction", reconstruction_loss, prog_bar=True)
+        self.log_dict(
+            {
+                "perplexity_lo": lo.perplexity,
+                "perplexity_hi": hi.perplexity,
+                "codes_used_lo": lo.codes_used,
+                "codes_used_hi": hi.codes_used,
+            },
+            prog_bar=True,
+        )
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=self.learning_rate)
+        total = int(self.trainer.estimated_stepping_batches)
+        milestones = [int(0.8 * total), int(0.9 * total)]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def save_weights(self, path: str | Path) -> Path:
+        """Write the VQ-VAE in the original layout (a plain state_dict) to ``path``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(original_state(self.model, VQ_FORMAT), path)
+        return path
+
+
+def pretrain_vq(
+    images: Sequence[str | Path],
+    output: str | Path,
+    image_size: int = 256,
+    max_steps: int = 100_000,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = True,
+    seed: int = 0,
+    trainer_kwargs: dict[str, Any] | None = None,
+    **model_kwargs: Any,
+) -> Path:
+    """Pretrain the general VQ-VAE and write ``output`` in the original tensor layout.
+
+    Defaults follow the authors' later recipe (256x256, batch 64, 100k steps). Checkpoints go to
+    ``checkpoint_dir`` (default: beside ``output``); with ``resume`` a run continues from ``last.ckpt``.
+    """
+    pl.seed_everything(seed, workers=True)
+    output = Path(output)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output.with_suffix("").with_name(output.stem + "_checkpoints")
+    dataset = ImageFolders(images, image_size)
+    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, num_workers=num_workers)
+    module = VQVAEPretraining(**model_kwargs)
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_train_steps=max(1, min(1000, max_steps // 10)))
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        callbacks=[checkpoint],
+        default_root_dir=checkpoint_dir,
+        logger=False,
+        **(trainer_kwargs or {}),
+    )
+    last = checkpoint_dir / "last.ckpt"
+    trainer.fit(module, loader, ckpt_path=last if resume and last.is_file() else None)
+    logger.info("VQ-VAE weights written to %s", module.save_weights(output))
+    return output

@@ -1,0 +1,179 @@
+"""DSR torch model (SPEC §1–5): general VQ-VAE, subspace restriction, D_spc, anomaly detection, upsampling.
+
+Order of operations at inference (``DsrModel.forward``) for an RGB batch in [0, 1], each step with the part
+of the spec it implements; shapes for a 3x256x256 input at the paper's widths:
+
+1. flip RGB → BGR: the released weights were trained on BGR input (SPEC §4, last point);
+2. general VQ-VAE (SPEC §1 rows 1–5, §2): encoder_hi → 128x64x64; encoder_lo → 128x32x32, 1x1 conv → z_lo;
+   Q_lo = nearest entry of K_lo by L2; z_hi = 1x1 conv of [encoder_hi output, up(Q_lo)], ``up`` being the
+   transposed conv 4x4/2 (this channel order is the released code's; the spec leaves it open);
+   Q_hi = nearest entry of K_hi, 128x64x64;
+3. I_gen = D_gen([up(Q_lo), Q_hi]), 3x256x256 (SPEC §1 row 6);
+4. F̃_lo = restriction_lo(Q_lo), F̃_hi = restriction_hi(Q_hi), re-quantised with the same codebooks to
+   Q̃_lo, Q̃_hi; I_spc = D_spc([up(Q̃_lo), Q̃_hi]) with the same frozen ``up`` (SPEC §1 rows 7–8);
+5. M_lo = anomaly_detection(concat(I_spc, I_gen)), 2x256x256 logits; P_lo = softmax(M_lo) over the two
+   channels (SPEC §1 row 9);
+6. M = upsampling(concat(I_spc, I_gen, P_lo)) (SPEC §1 row 10);
+7. pred_score = max over the image of the 21x21 average of P_lo[:, 1] (stride 1, zero padding 10 counted
+   in the average; SPEC §5 first point); anomaly_map = softmax(M)[:, 1] (SPEC §5 second point).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from anomalib.data import InferenceBatch
+from torch import nn
+
+from anomalib_dsr.anomaly_generator import LatentAnomalyGenerator, blocky
+from anomalib_dsr.object_decoder import ObjectSpecificDecoder
+from anomalib_dsr.subspace_restriction import SubspaceRestriction
+from anomalib_dsr.unet import UNet, init_normal_
+from anomalib_dsr.vq_vae import GeneralVQVAE
+
+
+def check_image_size(height: int, width: int) -> None:
+    """Raise a ValueError unless DSR can process ``height x width`` images.
+
+    The subspace restriction modules pool the 1/8 grid twice and upsample it back x4, and their
+    InstanceNorm needs more than one cell at 1/32: sides must be multiples of 32, not both 32.
+    """
+    if height % 32 or width % 32 or height * width <= 32 * 32:
+        msg = (
+            f"DSR needs image sides that are multiples of 32 and larger than 32x32, got {(height, width)}: "
+            "resize to e.g. 256x256 (the paper's size)."
+        )
+        raise ValueError(msg)
+
+
+class RestrictionTrainingOutput(NamedTuple):
+    """What the phase-2 loss needs (SPEC §4). Shapes for an input ``(B, 3, H, W)``."""
+
+    restricted_lo: torch.Tensor  # F̃_lo (B, D, H/8, W/8)
+    restricted_hi: torch.Tensor  # F̃_hi (B, D, H/4, W/4)
+    target_lo: torch.Tensor  # clean Q_lo (B, D, H/8, W/8)
+    target_hi: torch.Tensor  # clean Q_hi (B, D, H/4, W/4)
+    image_spc: torch.Tensor  # I_spc (B, 3, H, W), BGR
+    target_image: torch.Tensor  # the input image (B, 3, H, W), BGR
+    logits_lo: torch.Tensor  # M_lo (B, 2, H, W)
+    target_mask: torch.Tensor  # blocky ground truth (B, 1, H, W)
+
+
+class DsrModel(nn.Module):
+    """DSR with the paper's widths as defaults; every width is an argument so tests can build a tiny model.
+
+    Args:
+        channels: VQ-VAE width (paper: 128).
+        res_hidden: residual-block bottleneck width (paper: 64).
+        num_embeddings: entries per codebook K (paper: 4096).
+        embedding_dim: code dimension D (paper: 128).
+        decoder_bottleneck: D_spc's 1x1 bottleneck width (paper: 64).
+        unet_width: base width of both U-Nets (paper: 64).
+        latent_anomaly_strength: lower bound of λ (paper: 0.2).
+        score_window: side of the averaging window for the image score (paper: 21).
+    """
+
+    def __init__(
+        self,
+        channels: int = 128,
+        res_hidden: int = 64,
+        num_embeddings: int = 4096,
+        embedding_dim: int = 128,
+        decoder_bottleneck: int = 64,
+        unet_width: int = 64,
+        latent_anomaly_strength: float = 0.2,
+        score_window: int = 21,
+    ) -> None:
+        super().__init__()
+        self.vq = GeneralVQVAE(channels, res_hidden, num_embeddings, embedding_dim)
+        self.vq.requires_grad_(False)
+        self.restriction_lo = SubspaceRestriction(embedding_dim)
+        self.restriction_hi = SubspaceRestriction(embedding_dim)
+        self.object_decoder = ObjectSpecificDecoder(2 * embedding_dim, decoder_bottleneck, channels, res_hidden)
+        self.anomaly_detection = UNet(6, unet_width)
+        init_normal_(self.anomaly_detection)  # SPEC §2: N(0, 0.02)
+        self.upsampling = UNet(8, unet_width)
+        self.latent_anomalies = LatentAnomalyGenerator(latent_anomaly_strength)
+        self.score_window = score_window
+
+    def train(self, mode: bool = True) -> DsrModel:
+        """The general VQ-VAE stays in eval mode: its codebooks must not move (SPEC §4)."""
+        super().train(mode)
+        self.vq.eval()
+        return self
+
+    @staticmethod
+    def to_vq_input(images: torch.Tensor) -> torch.Tensor:
+        """RGB ``(B, 3, H, W)`` → BGR, the channel order of the released VQ-VAE (SPEC §4)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            msg = f"DSR expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}."
+            raise ValueError(msg)
+        check_image_size(*images.shape[-2:])
+        return images.flip(1)
+
+    def restore(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Subspace restriction and D_spc: returns F̃_lo, F̃_hi and I_spc ``(B, 3, H, W)``."""
+        restricted_lo = self.restriction_lo(q_lo)
+        restricted_hi = self.restriction_hi(q_hi)
+        joined = self.vq.join(self.vq.codebook_lo.quantize(restricted_lo), self.vq.codebook_hi.quantize(restricted_hi))
+        return restricted_lo, restricted_hi, self.object_decoder(joined)
+
+    def detect(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1–5 on RGB images: returns I_spc, I_gen and P_lo = softmax(M_lo) ``(B, 2, H, W)``."""
+        encoded = self.vq.encode(self.to_vq_input(images))
+        image_gen = self.vq.decoder(self.vq.join(encoded.q_lo, encoded.q_hi))
+        _, _, image_spc = self.restore(encoded.q_lo, encoded.q_hi)
+        probs_lo = self.anomaly_detection(torch.cat((image_spc, image_gen), dim=1)).softmax(dim=1)
+        return image_spc, image_gen, probs_lo
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch:
+        """RGB ``(B, 3, H, W)`` in [0, 1] → ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, H, W)``."""
+        image_spc, image_gen, probs_lo = self.detect(images)
+        probs = self.upsampling(torch.cat((image_spc, image_gen, probs_lo), dim=1)).softmax(dim=1)
+        pad = self.score_window // 2
+        smoothed = F.avg_pool2d(probs_lo[:, 1:], self.score_window, stride=1, padding=pad, count_include_pad=True)
+        return InferenceBatch(pred_score=smoothed.amax(dim=(1, 2, 3)), anomaly_map=probs[:, 1])
+
+    def forward_restriction_training(self, images: torch.Tensor, masks: torch.Tensor) -> RestrictionTrainingOutput:
+        """Phase 2 (SPEC §3–4): inject latent anomalies inside ``masks`` ``(B, 1, H, W)``, then restore.
+
+        Per image the levels are "both" (lo first; hi re-computed from the anomalous Q_lo, then hi
+        anomalies on top), "lo only" (hi stays the clean quantisation) or "hi only" (anomalies on the
+        hi features of the clean lo). The ground truth is the mask at the deciding level's grid.
+        """
+        generator = self.latent_anomalies
+        with torch.no_grad():
+            images = self.to_vq_input(images)
+            encoded = self.vq.encode(images)
+            lo_on, hi_on = generator.sample_levels(images.shape[0], images.device)
+            mask_lo = blocky(masks, 8) * lo_on.view(-1, 1, 1, 1)
+            q_lo = generator.replace(self.vq.codebook_lo, encoded.z_lo, encoded.q_lo, mask_lo)
+
+            both = (lo_on & hi_on).view(-1, 1, 1, 1)
+            z_hi_from_anomalous_lo = self.vq.hi_features(q_lo, encoded.features_hi)
+            z_hi = torch.where(both, z_hi_from_anomalous_lo, encoded.z_hi)
+            q_hi = torch.where(both, self.vq.codebook_hi.quantize(z_hi_from_anomalous_lo), encoded.q_hi)
+            mask_hi = blocky(masks, 4) * hi_on.view(-1, 1, 1, 1)
+            q_hi = generator.replace(self.vq.codebook_hi, z_hi, q_hi, mask_hi)
+
+            hi_only = (hi_on & ~lo_on).view(-1, 1, 1, 1)
+            target_mask = torch.where(
+                hi_only,
+                F.interpolate(mask_hi, scale_factor=4, mode="nearest"),
+                F.interpolate(mask_lo, scale_factor=8, mode="nearest"),
+            )
+            image_gen = self.vq.decoder(self.vq.join(q_lo, q_hi))
+
+        restricted_lo, restricted_hi, image_spc = self.restore(q_lo, q_hi)
+        logits_lo = self.anomaly_detection(torch.cat((image_spc.detach(), image_gen), dim=1))
+        return RestrictionTrainingOutput(
+            restricted_lo, restricted_hi, encoded.q_lo, encoded.q_hi, image_spc, images, logits_lo, target_mask
+        )
+
+    def forward_upsampling_training(self, images: torch.Tensor) -> torch.Tensor:
+        """Phase 3 (SPEC §4): logits M ``(B, 2, H, W)``; only the upsampling module gets gradients."""
+        with torch.no_grad():
+            image_spc, image_gen, probs_lo = self.detect(images)
+        return self.upsampling(torch.cat((image_spc, image_gen, probs_lo), dim=1))

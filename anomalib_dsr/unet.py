@@ -1,0 +1,89 @@
+"""U-Net of the anomaly detection and upsampling modules (SPEC §2), and its conv blocks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
+    """[conv 3x3, InstanceNorm, ReLU] x2; shape ``(B, in, h, w)`` → ``(B, out, h, w)``."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, mid_channels, 3, padding=1),
+        nn.InstanceNorm2d(mid_channels),
+        nn.ReLU(),
+        nn.Conv2d(mid_channels, out_channels, 3, padding=1),
+        nn.InstanceNorm2d(out_channels),
+        nn.ReLU(),
+    )
+
+
+def up_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Bilinear x2 (align_corners), conv 3x3, InstanceNorm, ReLU; ``(B, in, h, w)`` → ``(B, out, 2h, 2w)``."""
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        nn.InstanceNorm2d(out_channels),
+        nn.ReLU(),
+    )
+
+
+def init_normal_(module: nn.Module, std: float = 0.02) -> None:
+    """Draw every conv and transposed-conv weight from N(0, std) (paper: 0.02, SPEC §2)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Conv2d | nn.ConvTranspose2d):
+            nn.init.normal_(layer.weight, 0.0, std)
+
+
+class UNetEncoder(nn.Module):
+    """Widths ``(w, 2w, 4w, 4w)`` with three max-pools; returns the four feature maps."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.block1 = double_conv(in_channels, width, width)
+        self.block2 = double_conv(width, 2 * width, 2 * width)
+        self.block3 = double_conv(2 * width, 4 * width, 4 * width)
+        self.block4 = double_conv(4 * width, 4 * width, 4 * width)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b1 = self.block1(x)
+        b2 = self.block2(self.pool(b1))
+        b3 = self.block3(self.pool(b2))
+        return b1, b2, b3, self.block4(self.pool(b3))
+
+
+class UNetDecoder(nn.Module):
+    """Upsample, concatenate the skip, two convs per level; final conv 3x3 to ``out_channels`` logits."""
+
+    def __init__(self, width: int, out_channels: int) -> None:
+        super().__init__()
+        self.up1 = up_conv(4 * width, 4 * width)
+        self.db1 = double_conv(8 * width, 4 * width, 4 * width)
+        self.up2 = up_conv(4 * width, 2 * width)
+        self.db2 = double_conv(4 * width, 2 * width, 2 * width)
+        self.up3 = up_conv(2 * width, width)
+        self.db3 = double_conv(2 * width, width, width)
+        self.fin_out = nn.Sequential(nn.Conv2d(width, out_channels, 3, padding=1))
+
+    def forward(self, b1: torch.Tensor, b2: torch.Tensor, b3: torch.Tensor, b4: torch.Tensor) -> torch.Tensor:
+        x = self.db1(torch.cat((self.up1(b4), b3), dim=1))
+        x = self.db2(torch.cat((self.up2(x), b2), dim=1))
+        x = self.db3(torch.cat((self.up3(x), b1), dim=1))
+        return self.fin_out(x)
+
+
+class UNet(nn.Module):
+    """``(B, in_channels, H, W)`` → 2-class logits ``(B, 2, H, W)``; H and W multiples of 8.
+
+    The anomaly detection module is ``UNet(6)`` on concat(I_spc, I_gen); the upsampling module is
+    ``UNet(8)`` on concat(I_spc, I_gen, softmax(M_lo)). Base width 64 is the paper's.
+    """
+
+    def __init__(self, in_channels: int, width: int = 64, out_channels: int = 2) -> None:
+        super().__init__()
+        self.encoder = UNetEncoder(in_channels, width)
+        self.decoder = UNetDecoder(width, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(*self.encoder(x))
