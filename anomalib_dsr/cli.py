@@ -14,7 +14,7 @@ from pathlib import Path
 
 from anomalib_dsr.demo import DemoSettings, run_demo
 from anomalib_dsr.original_checkpoint import export_original, import_original
-from anomalib_dsr.original_format import WeightsError
+from anomalib_dsr.original_format import VQ_FILE_NAME, WeightsError
 from anomalib_dsr.paper_table import table_from_files
 from anomalib_dsr.pretraining import pretrain_vq
 
@@ -48,7 +48,7 @@ def _import_original(args: argparse.Namespace) -> None:
         path = import_original(args.checkpoints, args.category, args.output, vq=args.vq)
     except WeightsError as error:
         raise SystemExit(f"anomalib-dsr import-original: error: {error}") from None
-    print(f"Lightning checkpoint written to {path}; use it with e.g. anomalib test --model anomalib_dsr.Dsr --ckpt_path {path}")
+    print(f"Lightning checkpoint written to {path}; e.g. anomalib test --model anomalib_dsr.Dsr --ckpt_path {path}")
 
 
 def _export_original(args: argparse.Namespace) -> None:
@@ -97,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--vq-steps", type=int, default=DemoSettings.vq_steps, help="VQ-VAE pretraining steps.")
     demo.set_defaults(func=_demo)
 
-    imp = commands.add_parser("import-original", help="The authors' released weights → a Lightning checkpoint of Dsr.")
+    imp = commands.add_parser("import-original", help="The authors' released weights → Lightning checkpoint of Dsr.")
     imp.add_argument("--checkpoints", required=True, help="Folder of the released DSR_*_<category>.pckl files.")
     imp.add_argument("--category", required=True, help="The <category> in those file names, e.g. bottle.")
-    imp.add_argument("--vq", default=None, help="General VQ-VAE file (default: CHECKPOINTS/vq_model_pretrained_128_4096.pckl).")
+    imp.add_argument("--vq", default=None, help=f"General VQ-VAE file (default: CHECKPOINTS/{VQ_FILE_NAME}).")
     imp.add_argument("--output", required=True, help="Lightning checkpoint to write, e.g. model.ckpt.")
     imp.set_defaults(func=_import_original)
 
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_export_original)
 
     table = commands.add_parser("paper-table", help="Per-category test metrics → markdown table beside the paper's.")
-    table.add_argument("results", nargs="+", help="JSON/CSV metrics files, as CATEGORY=PATH or PATH (category in the path).")
+    table.add_argument("results", nargs="+", help="JSON/CSV metrics: CATEGORY=PATH, or PATH with the category in it.")
     table.add_argument("--output", default=None, help="Also write the table to this markdown file.")
     table.set_defaults(func=_paper_table)
     return parser

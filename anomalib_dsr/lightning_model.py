@@ -135,12 +135,17 @@ class Dsr(AnomalibModule):
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
-        """Before fitting: check the transforms and, unless resuming, load the general VQ-VAE."""
+        """Before fitting: check the transforms."""
         if stage != "fit":
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         for name in ("train_augmentations", "augmentations"):
             self.check_transform(getattr(datamodule, name, None))
+
+    def on_fit_start(self) -> None:
+        """Unless resuming, load the general VQ-VAE. Not in ``setup``: Lightning sets ``trainer.ckpt_path``
+        for this run only after ``setup`` (there it still holds the previous run's path)."""
+        super().on_fit_start()
         if self.trainer.ckpt_path is None:
             self.load_vq_weights()
 

@@ -105,7 +105,7 @@ def import_original(
         datamodule: if given, its validation split calibrates anomalib's normalisation and thresholds.
     """
     model = load_original(checkpoints, category, vq)
-    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     if datamodule is not None:
         pl.Trainer(accelerator="auto", devices=1, **quiet).validate(model, datamodule=datamodule, verbose=False)
         model.cpu()

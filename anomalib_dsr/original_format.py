@@ -1,9 +1,10 @@
 """The authors' released checkpoint layout (SPEC §7) and safe loading of weight files.
 
 Each released file is a plain ``state_dict``. Our modules use the same structure with clearer names;
-:data:`FORMATS` gives, per file, the top-level renames, and the remaining path components differ only
-by the original's leading underscores (``_residual_stack._layers.0._block.1`` ↔
-``residual_stack.layers.0.block.1``). Every file is read with ``weights_only=True``.
+:data:`ALL_FORMATS` (``VQ_FORMAT`` and the five ``MODULE_FORMATS``) gives, per file, the top-level
+renames, and the remaining path components differ only by the original's leading underscores
+(``_residual_stack._layers.0._block.1`` ↔ ``residual_stack.layers.0.block.1``). :data:`WIDTH_KEYS` says
+which tensor shapes give the model's widths. Every file is read with ``weights_only=True``.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ WIDTH_KEYS: dict[str, tuple[FileFormat, str, int]] = {
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a plain ``state_dict`` with ``weights_only=True``; every failure is a :class:`WeightsError` naming the file."""
+    """Read a plain ``state_dict`` with ``weights_only=True``; failures are :class:`WeightsError` naming the file."""
     path = Path(path)
     if not path.is_file():
         msg = f"Weights file not found: {path}"
@@ -122,7 +123,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as error:
         msg = (
             f"{path} contains pickled Python objects, not only tensors; refusing to execute them "
-            f"(weights are loaded with weights_only=True). Save a plain state_dict instead. ({_unpickling_detail(error)})"
+            f"(weights are loaded with weights_only=True). Save a plain state_dict instead. "
+            f"({_unpickling_detail(error)})"
         )
         raise WeightsError(msg) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
@@ -135,7 +137,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         msg = f"{path} does not hold a state_dict (a dict of tensors), found {type(state).__name__}."
         raise WeightsError(msg)
-    if not_tensors := [f"{key} ({type(value).__name__})" for key, value in state.items() if not isinstance(value, torch.Tensor)]:
+    not_tensors = [f"{key} ({type(v).__name__})" for key, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
         msg = f"{path} does not hold a state_dict: these entries are not tensors: {', '.join(not_tensors)}."
         raise WeightsError(msg)
     return state

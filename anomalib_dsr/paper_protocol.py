@@ -42,7 +42,7 @@ class _CentreCrop:
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         if preds.shape[-2:] != target.shape[-2:]:
-            msg = f"Anomaly map {tuple(preds.shape)} and mask {tuple(target.shape)} differ in size; cannot crop both alike."
+            msg = f"Anomaly map {tuple(preds.shape)} and mask {tuple(target.shape)} differ in size; cannot crop alike."
             raise ValueError(msg)
         super().update(centre_crop(preds, self.crop), centre_crop(target, self.crop))
 

@@ -89,6 +89,7 @@ class DsrModel(nn.Module):
         super().__init__()
         self.vq = GeneralVQVAE(channels, res_hidden, num_embeddings, embedding_dim)
         self.vq.requires_grad_(False)
+        self.vq.eval()  # frozen from the start: Lightning >= 2.2 keeps the modes modules have when fitting starts
         self.restriction_lo = SubspaceRestriction(embedding_dim)
         self.restriction_hi = SubspaceRestriction(embedding_dim)
         self.object_decoder = ObjectSpecificDecoder(2 * embedding_dim, decoder_bottleneck, channels, res_hidden)

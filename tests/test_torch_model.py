@@ -1,0 +1,194 @@
+"""The DSR torch model with tiny widths (SPEC §1–5): shapes, anomaly injection, frozen VQ-VAE, scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from anomalib.data import InferenceBatch
+
+from anomalib_dsr.loss import DsrLoss
+from anomalib_dsr.torch_model import DsrModel, RestrictionTrainingOutput
+
+SIZE = 64
+
+
+@pytest.fixture
+def model(tiny_widths: dict[str, int]) -> DsrModel:
+    torch.manual_seed(0)
+    return DsrModel(**tiny_widths)
+
+
+def force_levels(model: DsrModel, lo: list[bool], hi: list[bool]) -> None:
+    """Make the latent generator use the given per-image levels instead of sampling them."""
+    levels = torch.tensor(lo), torch.tensor(hi)
+    model.latent_anomalies.sample_levels = lambda batch_size, device: (levels[0].to(device), levels[1].to(device))
+
+
+def record_restore_inputs(model: DsrModel) -> dict[str, torch.Tensor]:
+    """Record the (possibly anomalous) quantised features handed to the restriction modules."""
+    seen: dict[str, torch.Tensor] = {}
+    original = model.restore
+
+    def restore(q_lo, q_hi):
+        seen.update(q_lo=q_lo.clone(), q_hi=q_hi.clone())
+        return original(q_lo, q_hi)
+
+    model.restore = restore
+    return seen
+
+
+def test_forward_returns_scores_and_maps_in_unit_interval(model: DsrModel) -> None:
+    model.eval()
+    for height, width in ((SIZE, SIZE), (SIZE, 96)):
+        images = torch.rand(2, 3, height, width)
+        with torch.no_grad():
+            out = model(images)
+        assert isinstance(out, InferenceBatch)
+        assert out.pred_score.shape == (2,)
+        assert out.anomaly_map.shape == (2, height, width)
+        for value in (out.pred_score, out.anomaly_map):
+            assert torch.isfinite(value).all()
+            assert value.min() >= 0 and value.max() <= 1
+
+
+def test_pred_score_is_max_of_21x21_average_of_lo_map(model: DsrModel) -> None:
+    """Image score: anomaly channel of softmax(M_lo), 21x21 mean with zero padding counted, then max."""
+    model.eval()
+    images = torch.rand(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = model(images)
+        image_spc, image_gen, probs_lo = model.detect(images)
+        probs = model.upsampling(torch.cat((image_spc, image_gen, probs_lo), dim=1)).softmax(dim=1)
+    assert torch.allclose(probs_lo.sum(1), torch.ones(3, SIZE, SIZE), atol=1e-5)
+    padded = F.pad(probs_lo[:, 1:], (10, 10, 10, 10))  # zeros, counted in the average
+    window_mean = F.conv2d(padded, torch.full((1, 1, 21, 21), 1 / 441))
+    assert window_mean.shape == (3, 1, SIZE, SIZE)
+    torch.testing.assert_close(out.pred_score, window_mean.flatten(1).amax(1), rtol=1e-5, atol=1e-6)
+    # Not simply the maximum of the map, nor of the upsampled map.
+    assert not torch.allclose(out.pred_score, probs_lo[:, 1].flatten(1).amax(1))
+    # The pixel map is the upsampling module's anomaly probability.
+    torch.testing.assert_close(out.anomaly_map, probs[:, 1])
+
+
+def test_forward_restriction_training_shapes(model: DsrModel, tiny_widths: dict[str, int]) -> None:
+    model.train()
+    b, d = 4, tiny_widths["embedding_dim"]
+    images = torch.rand(b, 3, SIZE, SIZE)
+    masks = torch.zeros(b, 1, SIZE, SIZE)
+    masks[:, :, 10:30, 20:50] = 1
+    out = model.forward_restriction_training(images, masks)
+    assert isinstance(out, RestrictionTrainingOutput)
+    assert out.restricted_lo.shape == out.target_lo.shape == (b, d, SIZE // 8, SIZE // 8)
+    assert out.restricted_hi.shape == out.target_hi.shape == (b, d, SIZE // 4, SIZE // 4)
+    assert out.image_spc.shape == out.target_image.shape == (b, 3, SIZE, SIZE)
+    assert out.logits_lo.shape == (b, 2, SIZE, SIZE)
+    assert out.target_mask.shape == (b, 1, SIZE, SIZE)
+    # The reconstruction target is the input in the VQ-VAE's BGR order (SPEC §4).
+    assert torch.equal(out.target_image, images.flip(1))
+    # Gradients reach the trainable modules only through the loss terms that concern them.
+    assert out.restricted_lo.requires_grad and out.image_spc.requires_grad and out.logits_lo.requires_grad
+    assert not out.target_lo.requires_grad and not out.target_mask.requires_grad
+
+
+def test_empty_mask_injects_nothing(model: DsrModel) -> None:
+    model.train()
+    force_levels(model, [True, True, False], [True, False, True])  # both, lo only, hi only
+    seen = record_restore_inputs(model)
+    images = torch.rand(3, 3, SIZE, SIZE)
+    out = model.forward_restriction_training(images, torch.zeros(3, 1, SIZE, SIZE))
+    assert torch.equal(out.target_mask, torch.zeros(3, 1, SIZE, SIZE))
+    assert torch.equal(seen["q_lo"], out.target_lo)
+    assert torch.equal(seen["q_hi"], out.target_hi)
+    encoded = model.vq.encode(images.flip(1))
+    assert torch.equal(out.target_lo, encoded.q_lo) and torch.equal(out.target_hi, encoded.q_hi)
+
+
+def test_levels_and_blocky_target_masks(model: DsrModel) -> None:
+    """Per image: both levels, lo only, hi only (SPEC §3.3) and the blocky ground truth of §3.4."""
+    model.train()
+    force_levels(model, [True, True, False], [True, False, True])
+    seen = record_restore_inputs(model)
+    images = torch.rand(3, 3, SIZE, SIZE)
+    masks = torch.zeros(3, 1, SIZE, SIZE)
+    masks[:, :, 9:19, 21:42] = 1  # not aligned to either grid
+    out = model.forward_restriction_training(images, masks)
+
+    changed_lo = (seen["q_lo"] != out.target_lo).any(1)  # (B, H/8, W/8)
+    changed_hi = (seen["q_hi"] != out.target_hi).any(1)  # (B, H/4, W/4)
+    mask_lo = F.max_pool2d(masks, 8)[:, 0].bool()
+    mask_hi = F.max_pool2d(masks, 4)[:, 0].bool()
+    # Lo anomalies exactly on the pooled lo mask (K = 32: the nearest code is never a replacement).
+    assert torch.equal(changed_lo[0], mask_lo[0]) and torch.equal(changed_lo[1], mask_lo[1])
+    assert not changed_lo[2].any(), "hi only: lo stays the clean quantisation"
+    # Hi anomalies replace every masked hi position; lo only keeps the clean hi quantisation.
+    assert changed_hi[0][mask_hi[0]].all() and changed_hi[2][mask_hi[2]].all()
+    assert not changed_hi[2][~mask_hi[2]].any()
+    assert not changed_hi[1].any()
+
+    # Ground truth: the mask pooled to the deciding level's grid, nearest-upsampled back.
+    for i, cell in ((0, 8), (1, 8), (2, 4)):
+        target = out.target_mask[i : i + 1]
+        expected = F.interpolate(F.max_pool2d(masks[i : i + 1], cell), scale_factor=cell, mode="nearest")
+        assert torch.equal(target, expected)
+        blocks = F.max_pool2d(target, cell) - (-F.max_pool2d(-target, cell))  # max − min per cell
+        assert (blocks == 0).all(), f"target mask of image {i} is not constant on {cell}x{cell} cells"
+        assert (target >= masks[i : i + 1]).all()
+    assert not torch.equal(out.target_mask[0], out.target_mask[2])  # the two grids differ for this mask
+
+
+def test_vq_vae_stays_frozen_during_a_training_step(model: DsrModel) -> None:
+    model.train()
+    assert not model.vq.training
+    assert not any(module.training for module in model.vq.modules())
+    assert model.restriction_lo.training and model.anomaly_detection.training
+    assert not any(p.requires_grad for p in model.vq.parameters())
+
+    vq_before = {k: v.clone() for k, v in model.vq.state_dict().items()}
+    trainable_before = {k: v.clone() for k, v in model.restriction_lo.state_dict().items()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    masks = torch.ones(2, 1, SIZE, SIZE)
+    loss = DsrLoss().restriction(model.forward_restriction_training(images, masks))["loss"]
+    loss.backward()
+    optimizer.step()
+    # The EMA codebooks are used in forward() in training mode; they must not move.
+    with torch.no_grad():
+        model.vq.codebook_lo(torch.randn(2, model.vq.codebook_lo.embedding.embedding_dim, 8, 8))
+    for key, value in model.vq.state_dict().items():
+        assert torch.equal(value, vq_before[key]), f"VQ-VAE tensor {key} changed"
+    assert all(p.grad is None for p in model.vq.parameters())
+    assert any(not torch.equal(v, trainable_before[k]) for k, v in model.restriction_lo.state_dict().items())
+    # The upsampling module gets no gradient in phase 2.
+    assert all(p.grad is None for p in model.upsampling.parameters())
+
+
+def test_phase3_forward_trains_only_the_upsampling_module(model: DsrModel) -> None:
+    model.train()
+    logits = model.forward_upsampling_training(torch.rand(2, 3, SIZE, SIZE))
+    assert logits.shape == (2, 2, SIZE, SIZE)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.upsampling.parameters())
+    others = (model.restriction_lo, model.restriction_hi, model.object_decoder, model.anomaly_detection, model.vq)
+    assert all(p.grad is None for module in others for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("shape", "match"),
+    [
+        ((1, 3, 60, 64), "multiples of 32"),
+        ((1, 3, 72, 72), "multiples of 32"),
+        ((1, 3, 32, 32), "larger than 32x32"),
+        ((1, 1, 64, 64), r"RGB images of shape \(B, 3, H, W\)"),
+        ((1, 4, 64, 64), r"RGB images"),
+        ((3, 64, 64), r"RGB images"),
+    ],
+)
+def test_bad_input_shapes_raise_clear_errors(model: DsrModel, shape: tuple[int, ...], match: str) -> None:
+    images = torch.rand(*shape)
+    with pytest.raises(ValueError, match=match):
+        model.eval()(images)
+    if len(shape) == 4:
+        with pytest.raises(ValueError, match=match):
+            model.train().forward_restriction_training(images, torch.zeros(shape[0], 1, *shape[-2:]))
