@@ -30,6 +30,16 @@ def random_rotate(images: torch.Tensor, probability: float, max_degrees: float =
     return rotate(images, angles)
 
 
+def perlin_noise(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """anomalib's ``generate_perlin_noise`` ``(H, W)`` with 2^a x 2^b periods, a, b ~ U{0..5}.
+
+    The periods are drawn from the CPU generator, in the order anomalib draws them: the same noise on CPU,
+    and on an accelerator no ``.item()`` that would make the step wait for the device.
+    """
+    scale = tuple(2 ** int(torch.randint(0, 6, (1,))) for _ in range(2))
+    return generate_perlin_noise(height, width, scale=scale, device=device)
+
+
 def perlin_masks(
     batch_size: int,
     height: int,
@@ -42,7 +52,7 @@ def perlin_masks(
     Noise with 2^a x 2^b periods (a, b ~ U{0..5}, anomalib's ``generate_perlin_noise``), rotated by
     U(-90°, 90°), thresholded at > 0.5; each mask is emptied with ``normal_probability`` (paper: 0.5).
     """
-    noise = torch.stack([generate_perlin_noise(height, width, device=device) for _ in range(batch_size)])
+    noise = torch.stack([perlin_noise(height, width, device) for _ in range(batch_size)])
     noise = random_rotate(noise.unsqueeze(1), probability=1.0)
     keep = torch.rand(batch_size, 1, 1, 1, device=device) >= normal_probability
     return ((noise > 0.5) & keep).float()

@@ -27,11 +27,13 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.utils.path import get_pretrained_weights_dir
 from anomalib.visualization import Visualizer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torchvision.transforms.v2 import Compose, Normalize, Resize, Transform
 
 from anomalib_dsr.anomaly_generator import ImageAnomalyGenerator, perlin_masks, random_rotate
+from anomalib_dsr.data_check import check_datamodule
 from anomalib_dsr.loss import DsrLoss
 from anomalib_dsr.original_format import VQ_FILE_NAME, VQ_FORMAT, WeightsError, load_original_state, read_state_dict
 from anomalib_dsr.torch_model import DsrModel, check_image_size
@@ -75,6 +77,12 @@ class Dsr(AnomalibModule):
         rotation_probability: probability of rotating a phase-2 training image (paper: 0.4).
         channels, res_hidden, num_embeddings, embedding_dim, decoder_bottleneck, unet_width: widths
             (paper: 128, 64, 4096, 128, 64, 64); the VQ file must match the first four.
+        channels_last: run the model in the ``channels_last`` memory layout (same results). Off by default:
+            on CPUs without native bf16 it is no faster in fp32; on GPUs it is the layout tensor cores use
+            (see README, "Speed").
+
+    Mixed precision: ``Engine(precision="bf16-mixed")`` (or ``Trainer``) trains under bf16 autocast; the VQ
+    distances and code choices stay in fp32, so codes match an fp32 run.
     """
 
     def __init__(
@@ -93,6 +101,7 @@ class Dsr(AnomalibModule):
         embedding_dim: int = 128,
         decoder_bottleneck: int = 64,
         unet_width: int = 64,
+        channels_last: bool = False,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -117,11 +126,21 @@ class Dsr(AnomalibModule):
         self.lr_decay = lr_decay
         self.rotation_probability = rotation_probability
         self.model = DsrModel(
-            channels, res_hidden, num_embeddings, embedding_dim, decoder_bottleneck, unet_width, latent_anomaly_strength
+            channels,
+            res_hidden,
+            num_embeddings,
+            embedding_dim,
+            decoder_bottleneck,
+            unet_width,
+            latent_anomaly_strength,
+            channels_last=channels_last,
         )
         self.loss = DsrLoss()
         self.image_anomalies = ImageAnomalyGenerator()
         self.phase2_steps: int | None = None  # fixed when fitting starts, kept in checkpoints
+        # Non-finite loss checks: immediate on CPU; deferred by one step elsewhere (None: decide by device).
+        self.sync_free_checks: bool | None = None
+        self._unchecked_loss: tuple[torch.Tensor, int, int] | None = None
 
     @staticmethod
     def check_transform(transform: Transform | None) -> None:
@@ -135,12 +154,22 @@ class Dsr(AnomalibModule):
 
     # ----------------------------------------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
-        """Before fitting: check the transforms."""
+        """Before fitting: check the transforms, then scan the dataset's files (``data_check``), so that a
+        broken file stops the run in seconds with its name, not hours later in a data loader."""
         if stage != "fit":
             return
         datamodule = getattr(self.trainer, "datamodule", None)
         for name in ("train_augmentations", "augmentations"):
             self.check_transform(getattr(datamodule, name, None))
+        if datamodule is not None:
+            transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
+            check_datamodule(datamodule, transform)
+        # Each phase trains only its own modules; DDP must be told that the others get no gradient (they
+        # keep ``grad=None``, so Adam leaves them and their state alone, as in a single process).
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):  # noqa: SLF001
+            strategy._ddp_kwargs["find_unused_parameters"] = True  # noqa: SLF001
+            logger.info("DSR trains one phase's modules at a time: DDP set to find_unused_parameters=True.")
 
     def on_fit_start(self) -> None:
         """Unless resuming, load the general VQ-VAE. Not in ``setup``: Lightning sets ``trainer.ckpt_path``
@@ -148,6 +177,14 @@ class Dsr(AnomalibModule):
         super().on_fit_start()
         if self.trainer.ckpt_path is None:
             self.load_vq_weights()
+
+    def on_train_start(self) -> None:
+        """With several processes (DDP), give each rank its own random stream, so that ranks simulate
+        different anomalies: Lightning seeds every rank alike, and a resumed run restores rank 0's state
+        everywhere. The per-rank seed is drawn from that common state, so runs stay reproducible."""
+        if self.trainer.world_size > 1:
+            base = int(torch.randint(2**62, (), dtype=torch.int64))  # the same on every rank
+            torch.manual_seed(base + self.trainer.global_rank)
 
     def load_vq_weights(self) -> None:
         """Load ``vq_weights`` (original layout, ``weights_only=True``) into the frozen VQ-VAE."""
@@ -170,12 +207,15 @@ class Dsr(AnomalibModule):
             logger.info("DSR schedule: %d phase-2 steps, then %d phase-3 steps.", self.phase2_steps, total - self.phase2_steps)
         model = self.model
         phase2 = [model.restriction_lo, model.restriction_hi, model.object_decoder, model.anomaly_detection]
+        # The fused Adam kernel (CPU and CUDA): the same update, several times faster than the per-tensor loop.
+        fused = self.device.type in ("cpu", "cuda")
         optimizer = torch.optim.Adam(
             [
                 {"params": [p for module in phase2 for p in module.parameters()]},
                 {"params": list(model.upsampling.parameters())},
             ],
             lr=self.learning_rate,
+            fused=fused or None,
         )
         decay_step = int(self.lr_decay_at * self.phase2_steps)
         decay = self.lr_decay
@@ -229,10 +269,44 @@ class Dsr(AnomalibModule):
             loss = self.loss.upsampling(self.model.forward_upsampling_training(images), masks)
         self.log("train/phase", float(phase), on_step=True, on_epoch=False)
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        if not torch.isfinite(loss):
-            msg = f"DSR loss became {loss.item()} at step {self.global_step} (phase {phase}); stopping before weights turn NaN."
-            raise FloatingPointError(msg)
+        self.check_finite(loss, phase)
         return {"loss": loss}
+
+    def check_finite(self, loss: torch.Tensor, phase: int) -> None:
+        """Stop on a non-finite loss, naming its step and phase, before any weight turns non-finite.
+
+        On CPU the check is immediate: it costs nothing there. On an accelerator it would make every step
+        wait for the device, so there (``sync_free_checks``, with the fused Adam) the optimiser skips the
+        update on the device when the loss is not finite (:meth:`on_before_optimizer_step`), and the loss
+        is read at the next step or at the end of training, long after the device computed it.
+        """
+        deferred = self.sync_free_checks if self.sync_free_checks is not None else loss.device.type != "cpu"
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if not (deferred and optimizers and all(group.get("fused") for group in optimizers[0].param_groups)):
+            self._unchecked_loss = (loss.detach(), self.global_step, phase)
+            self.raise_if_not_finite()
+            return
+        self.raise_if_not_finite()  # the previous step's
+        self._unchecked_loss = (loss.detach(), self.global_step, phase)
+
+    def raise_if_not_finite(self) -> None:
+        """Raise ``FloatingPointError`` if the last loss given to :meth:`check_finite` is not finite."""
+        if self._unchecked_loss is None:
+            return
+        loss, step, phase = self._unchecked_loss
+        self._unchecked_loss = None
+        if not torch.isfinite(loss):
+            msg = f"DSR loss became {loss.item()} at step {step} (phase {phase}); stopping before weights turn NaN."
+            raise FloatingPointError(msg)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """With deferred checks, tell the fused Adam to skip this update on the device if the loss is not finite."""
+        if self._unchecked_loss is not None:
+            optimizer = getattr(optimizer, "_optimizer", optimizer)
+            optimizer.found_inf = (~torch.isfinite(self._unchecked_loss[0])).float().reshape(1)
+
+    def on_train_end(self) -> None:
+        self.raise_if_not_finite()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict ``pred_score`` and ``anomaly_map`` for a validation batch."""
@@ -242,7 +316,7 @@ class Dsr(AnomalibModule):
     # -------------------------------------------------------------------------------------- anomalib hooks
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No sanity validation: the VQ-VAE is loaded in ``setup``, and a random model's scores are noise."""
+        """No sanity validation: the VQ-VAE is loaded when fitting starts, and a random model's scores are noise."""
         return {"num_sanity_val_steps": 0}
 
     @property

@@ -32,6 +32,6 @@ class ObjectSpecificDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.block2(self.pool(self.block1(x))))
-        x = torch.relu(self.upblock1(self.bottleneck(x)))
-        x = torch.relu(self.upblock2(x))
+        x = torch.relu_(self.upblock1(self.bottleneck(x)))
+        x = torch.relu_(self.upblock2(x))
         return self.decoder(x)

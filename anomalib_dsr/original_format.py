@@ -131,6 +131,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         detail = str(error).split(". ")[0] or "unexpected end of file"
         msg = f"{path} is not a readable torch weights file (truncated or corrupt?): {detail}."
         raise WeightsError(msg) from None
+    except Exception as error:  # noqa: BLE001 - garbage bytes make the unpickler fail in arbitrary ways (KeyError, ...)
+        msg = f"{path} is not a readable torch weights file (truncated or corrupt?): {type(error).__name__}: {error}."
+        raise WeightsError(msg) from None
     if isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state:
         msg = f"{path} is a Lightning checkpoint, not a plain state_dict of weights."
         raise WeightsError(msg)

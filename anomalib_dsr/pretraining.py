@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from anomalib_dsr.data_check import check_image_files
 from anomalib_dsr.original_format import VQ_FORMAT, original_state
 from anomalib_dsr.vq_vae import GeneralVQVAE
 
@@ -43,6 +44,7 @@ class ImageFolders(Dataset):
         if not self.paths:
             msg = f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {', '.join(map(str, folders))}."
             raise ValueError(msg)
+        check_image_files(self.paths)  # every broken file named now, not one of them hours into training
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -109,6 +111,19 @@ class VQVAEPretraining(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Data order and dead-code restarts draw from torch's global RNG: keep it, so that resuming from
+        # an end-of-epoch last.ckpt continues exactly like an uninterrupted run (tensors only: weights_only).
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        checkpoint["vq_rng_states"] = {"torch": torch.get_rng_state(), "torch.cuda": cuda}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("vq_rng_states")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if torch.cuda.is_available() and len(rng["torch.cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["torch.cuda"])
+
     def save_weights(self, path: str | Path) -> Path:
         """Write the VQ-VAE in the original layout (a plain state_dict) to ``path``."""
         path = Path(path)
@@ -142,12 +157,13 @@ def pretrain_vq(
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, num_workers=num_workers)
     module = VQVAEPretraining(**model_kwargs)
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_train_steps=max(1, min(1000, max_steps // 10)))
+    trainer_kwargs = dict(trainer_kwargs or {})
     trainer = pl.Trainer(
         max_steps=max_steps,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, *trainer_kwargs.pop("callbacks", [])],
         default_root_dir=checkpoint_dir,
         logger=False,
-        **(trainer_kwargs or {}),
+        **trainer_kwargs,
     )
     last = checkpoint_dir / "last.ckpt"
     trainer.fit(module, loader, ckpt_path=last if resume and last.is_file() else None)

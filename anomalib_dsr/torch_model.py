@@ -31,7 +31,7 @@ from anomalib_dsr.anomaly_generator import LatentAnomalyGenerator, blocky
 from anomalib_dsr.object_decoder import ObjectSpecificDecoder
 from anomalib_dsr.subspace_restriction import SubspaceRestriction
 from anomalib_dsr.unet import UNet, init_normal_
-from anomalib_dsr.vq_vae import GeneralVQVAE
+from anomalib_dsr.vq_vae import Encoded, GeneralVQVAE
 
 
 def check_image_size(height: int, width: int) -> None:
@@ -73,6 +73,8 @@ class DsrModel(nn.Module):
         unet_width: base width of both U-Nets (paper: 64).
         latent_anomaly_strength: lower bound of λ (paper: 0.2).
         score_window: side of the averaging window for the image score (paper: 21).
+        channels_last: keep weights and activations in the ``channels_last`` memory layout (same results;
+            the layout that tensor cores and oneDNN's bf16 kernels work in, see README "Speed").
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class DsrModel(nn.Module):
         unet_width: int = 64,
         latent_anomaly_strength: float = 0.2,
         score_window: int = 21,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.vq = GeneralVQVAE(channels, res_hidden, num_embeddings, embedding_dim)
@@ -98,6 +101,9 @@ class DsrModel(nn.Module):
         self.upsampling = UNet(8, unet_width)
         self.latent_anomalies = LatentAnomalyGenerator(latent_anomaly_strength)
         self.score_window = score_window
+        self.channels_last = channels_last
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> DsrModel:
         """The general VQ-VAE stays in eval mode: its codebooks must not move (SPEC §4)."""
@@ -114,6 +120,11 @@ class DsrModel(nn.Module):
         check_image_size(*images.shape[-2:])
         return images.flip(1)
 
+    def vq_input(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`to_vq_input` in this model's memory layout."""
+        images = self.to_vq_input(images)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
     def restore(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Subspace restriction and D_spc: returns F̃_lo, F̃_hi and I_spc ``(B, 3, H, W)``."""
         restricted_lo = self.restriction_lo(q_lo)
@@ -123,8 +134,8 @@ class DsrModel(nn.Module):
 
     def detect(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 1–5 on RGB images: returns I_spc, I_gen and P_lo = softmax(M_lo) ``(B, 2, H, W)``."""
-        encoded = self.vq.encode(self.to_vq_input(images))
-        image_gen = self.vq.decoder(self.vq.join(encoded.q_lo, encoded.q_hi))
+        encoded = self.vq.encode(self.vq_input(images))
+        image_gen = self.vq.decoder(torch.cat((encoded.up_lo, encoded.q_hi), dim=1))  # = D_gen(join(Q_lo, Q_hi))
         _, _, image_spc = self.restore(encoded.q_lo, encoded.q_hi)
         probs_lo = self.anomaly_detection(torch.cat((image_spc, image_gen), dim=1)).softmax(dim=1)
         return image_spc, image_gen, probs_lo
@@ -146,16 +157,12 @@ class DsrModel(nn.Module):
         """
         generator = self.latent_anomalies
         with torch.no_grad():
-            images = self.to_vq_input(images)
+            images = self.vq_input(images)
             encoded = self.vq.encode(images)
             lo_on, hi_on = generator.sample_levels(images.shape[0], images.device)
             mask_lo = blocky(masks, 8) * lo_on.view(-1, 1, 1, 1)
             q_lo = generator.replace(self.vq.codebook_lo, encoded.z_lo, encoded.q_lo, mask_lo)
-
-            both = (lo_on & hi_on).view(-1, 1, 1, 1)
-            z_hi_from_anomalous_lo = self.vq.hi_features(q_lo, encoded.features_hi)
-            z_hi = torch.where(both, z_hi_from_anomalous_lo, encoded.z_hi)
-            q_hi = torch.where(both, self.vq.codebook_hi.quantize(z_hi_from_anomalous_lo), encoded.q_hi)
+            up_lo, z_hi, q_hi = self.hi_after_lo_anomalies(encoded, q_lo, mask_lo, lo_on & hi_on)
             mask_hi = blocky(masks, 4) * hi_on.view(-1, 1, 1, 1)
             q_hi = generator.replace(self.vq.codebook_hi, z_hi, q_hi, mask_hi)
 
@@ -165,13 +172,39 @@ class DsrModel(nn.Module):
                 F.interpolate(mask_hi, scale_factor=4, mode="nearest"),
                 F.interpolate(mask_lo, scale_factor=8, mode="nearest"),
             )
-            image_gen = self.vq.decoder(self.vq.join(q_lo, q_hi))
+            image_gen = self.vq.decoder(torch.cat((up_lo, q_hi), dim=1))  # = D_gen(join(Q_lo, Q_hi))
 
         restricted_lo, restricted_hi, image_spc = self.restore(q_lo, q_hi)
         logits_lo = self.anomaly_detection(torch.cat((image_spc.detach(), image_gen), dim=1))
         return RestrictionTrainingOutput(
             restricted_lo, restricted_hi, encoded.q_lo, encoded.q_hi, image_spc, images, logits_lo, target_mask
         )
+
+    def hi_after_lo_anomalies(
+        self, encoded: Encoded, q_lo: torch.Tensor, mask_lo: torch.Tensor, both: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """up(Q_lo) of the anomalous ``q_lo``, and z_hi, Q_hi: re-computed from it for the images with ``both``
+        levels ``(B,)``, the clean ones for the others.
+
+        Only images whose Q_lo changed (``mask_lo`` ``(B, 1, h, w)`` not empty) differ from the clean
+        encoding; on CPU only those are recomputed (indexing costs no device synchronisation there), on
+        other devices the whole batch is, with ``torch.where``, so the step never waits for the device.
+        """
+        vq = self.vq
+        changed = mask_lo.flatten(1).amax(1) > 0
+        if q_lo.device.type != "cpu":
+            up_lo = vq.upsample_lo(q_lo)
+            z_new = vq.hi_features_from_up(up_lo, encoded.features_hi)
+            select = both.view(-1, 1, 1, 1)
+            return up_lo, torch.where(select, z_new, encoded.z_hi), torch.where(select, vq.codebook_hi.quantize(z_new), encoded.q_hi)
+        up_lo, z_hi, q_hi = encoded.up_lo, encoded.z_hi, encoded.q_hi
+        if (rows := changed.nonzero().squeeze(1)).numel():
+            up_lo = up_lo.index_copy(0, rows, vq.upsample_lo(q_lo[rows]))
+        if (rows := (changed & both).nonzero().squeeze(1)).numel():
+            z_new = vq.hi_features_from_up(up_lo[rows], encoded.features_hi[rows])
+            z_hi = z_hi.index_copy(0, rows, z_new)
+            q_hi = q_hi.index_copy(0, rows, vq.codebook_hi.quantize(z_new))
+        return up_lo, z_hi, q_hi
 
     def forward_upsampling_training(self, images: torch.Tensor) -> torch.Tensor:
         """Phase 3 (SPEC §4): logits M ``(B, 2, H, W)``; only the upsampling module gets gradients."""

@@ -3,18 +3,40 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def _capturing_graph() -> bool:
+    """Whether the model is being traced or exported (ONNX, torch.export, torch.compile, TorchScript)."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+class InstanceNorm2d(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` (no affine, no running statistics), computed in eager mode by ``group_norm`` with one
+    channel per group.
+
+    That is the same normalisation (per image and channel over ``H x W``, biased variance, the same eps), and
+    on CPU it is about twice as fast as ``instance_norm`` (which runs batch norm on a reshaped copy) and keeps
+    ``channels_last`` tensors in that layout. Graph capture (ONNX/OpenVINO export, ``torch.export``) sees the
+    plain ``instance_norm`` op, the most portable one.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _capturing_graph():
+            return super().forward(x)
+        return F.group_norm(x, x.shape[1], eps=self.eps)
 
 
 def double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
     """[conv 3x3, InstanceNorm, ReLU] x2; shape ``(B, in, h, w)`` → ``(B, out, h, w)``."""
     return nn.Sequential(
         nn.Conv2d(in_channels, mid_channels, 3, padding=1),
-        nn.InstanceNorm2d(mid_channels),
-        nn.ReLU(),
+        InstanceNorm2d(mid_channels),
+        nn.ReLU(inplace=True),  # in place: the norm's backward needs its input, not its output
         nn.Conv2d(mid_channels, out_channels, 3, padding=1),
-        nn.InstanceNorm2d(out_channels),
-        nn.ReLU(),
+        InstanceNorm2d(out_channels),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -23,8 +45,8 @@ def up_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
         nn.Conv2d(in_channels, out_channels, 3, padding=1),
-        nn.InstanceNorm2d(out_channels),
-        nn.ReLU(),
+        InstanceNorm2d(out_channels),
+        nn.ReLU(inplace=True),
     )
 
 

@@ -21,7 +21,7 @@ class ResidualBlock(nn.Module):
         self.block = nn.Sequential(
             nn.ReLU(),
             nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
-            nn.ReLU(),
+            nn.ReLU(inplace=True),  # not the first ReLU: its input is also the skip connection's
             nn.Conv2d(hidden, channels, 1, bias=False),
         )
 
@@ -39,7 +39,7 @@ class ResidualStack(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x)
-        return F.relu(x)
+        return F.relu(x, inplace=True)
 
 
 class EncoderHi(nn.Module):
@@ -53,8 +53,8 @@ class EncoderHi(nn.Module):
         self.residual_stack = ResidualStack(channels, res_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv_1(x))
-        x = F.relu(self.conv_2(x))
+        x = F.relu(self.conv_1(x), inplace=True)
+        x = F.relu(self.conv_2(x), inplace=True)
         return self.residual_stack(self.conv_3(x))
 
 
@@ -68,7 +68,7 @@ class EncoderLo(nn.Module):
         self.residual_stack = ResidualStack(channels, res_hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.residual_stack(self.conv_2(F.relu(self.conv_1(x))))
+        return self.residual_stack(self.conv_2(F.relu(self.conv_1(x), inplace=True)))
 
 
 class ImageDecoder(nn.Module):
@@ -86,7 +86,7 @@ class ImageDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.residual_stack(self.conv_1(x))
-        return self.conv_trans_2(F.relu(self.conv_trans_1(x)))
+        return self.conv_trans_2(F.relu(self.conv_trans_1(x), inplace=True))
 
 
 class Quantized(NamedTuple):
@@ -206,6 +206,7 @@ class Encoded(NamedTuple):
     q_lo: torch.Tensor  # Q_lo (B, D, H/8, W/8)
     z_hi: torch.Tensor  # pre-quantisation hi features (B, D, H/4, W/4)
     q_hi: torch.Tensor  # Q_hi (B, D, H/4, W/4)
+    up_lo: torch.Tensor  # up(Q_lo) (B, D, H/4, W/4): input of z_hi and of both image decoders
 
 
 class GeneralVQVAE(nn.Module):
@@ -247,15 +248,20 @@ class GeneralVQVAE(nn.Module):
         The order matters for the released weights: their ``_pre_vq_conv_bot`` takes encoder_hi's output in
         its first input channels (SPEC §1 does not say; the released code does).
         """
-        return self.pre_quant_hi(torch.cat((features_hi, self.upsample_lo(q_lo)), dim=1))
+        return self.hi_features_from_up(self.upsample_lo(q_lo), features_hi)
+
+    def hi_features_from_up(self, up_lo: torch.Tensor, features_hi: torch.Tensor) -> torch.Tensor:
+        """:meth:`hi_features` from an already upsampled ``up(Q_lo)``."""
+        return self.pre_quant_hi(torch.cat((features_hi, up_lo), dim=1))
 
     def encode(self, images: torch.Tensor) -> Encoded:
         """Images ``(B, 3, H, W)`` (BGR, sides multiples of 8) → both quantised levels, no statistics."""
         features_hi = self.encoder_hi(images)
         z_lo = self.pre_quant_lo(self.encoder_lo(features_hi))
         q_lo = self.codebook_lo.quantize(z_lo)
-        z_hi = self.hi_features(q_lo, features_hi)
-        return Encoded(features_hi, z_lo, q_lo, z_hi, self.codebook_hi.quantize(z_hi))
+        up_lo = self.upsample_lo(q_lo)
+        z_hi = self.hi_features_from_up(up_lo, features_hi)
+        return Encoded(features_hi, z_lo, q_lo, z_hi, self.codebook_hi.quantize(z_hi), up_lo)
 
     def join(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> torch.Tensor:
         """``[up(Q_lo), Q_hi]`` ``(B, 2D, H/4, W/4)``: the input of both image decoders."""

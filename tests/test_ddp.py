@@ -1,0 +1,134 @@
+"""Lightning DDP: two CPU processes (gloo), ``strategy="ddp"``, through anomalib's ``Engine``.
+
+Lightning's DDP launcher starts rank 1 by running the same script again, so training runs in a script
+written by the test. Each rank gets 2 images per step (global batch 4, like the single-process run),
+draws its own anomalies (``Dsr.on_train_start`` seeds each rank differently), and DDP averages the
+gradients, so the ranks end with identical weights. Phase separation holds under DDP (each phase's
+modules only change in their phase). Metrics of the DDP model and of a single-process model trained for
+as many steps on the same generated dataset are compared on its test set (4 good, 4 defective images).
+The runs draw different anomalies, and 24 steps of a tiny model leave the metrics near chance: four
+single-process runs with seeds 0-3 gave image AUROC 0.16-0.72, pixel AUROC 0.43-0.48, pixel AUPR
+0.015-0.018. Hence the tolerances (``METRIC_TOLERANCE``): pixel AUROC within 0.15, pixel AUPR within 0.01
+of the single-process run; image AUROC, too coarse on 8 images to compare, only has to be a valid number.
+The test catches a DDP run that fails, hangs, desynchronises the ranks, mixes the phases or diverges.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from lightning.pytorch import seed_everything
+
+from conftest import CATEGORY, IMAGE_SIZE, TINY_WIDTHS, TRAINER_KWARGS
+
+MAX_STEPS = 24  # 16 phase-2 steps, 8 phase-3 steps
+LR = 1e-3
+METRIC_TOLERANCE = {"pixel_AUROC": 0.15, "pixel_AUPR": 0.01}  # absolute
+ROOT = Path(__file__).resolve().parents[1]
+PHASE2_MODULES = ("restriction_lo", "restriction_hi", "object_decoder", "anomaly_detection")
+
+SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from anomalib.data import MVTecAD
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, seed_everything
+import anomalib_dsr.lightning_model as lightning_model
+from anomalib_dsr import Dsr
+
+data_root, vq, out = sys.argv[1:4]
+masks = []
+perlin_masks = lightning_model.perlin_masks
+def recording(*args, **kwargs):  # the phase-2 anomaly masks this rank draws
+    result = perlin_masks(*args, **kwargs)
+    masks.append(result.clone())
+    return result
+lightning_model.perlin_masks = recording
+
+snapshots = {{}}
+class Snapshot(Callback):
+    def on_train_start(self, trainer, pl_module):
+        snapshots["start"] = {{k: v.clone() for k, v in pl_module.model.state_dict().items()}}
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == pl_module.phase2_steps:
+            snapshots["switch"] = {{k: v.clone() for k, v in pl_module.model.state_dict().items()}}
+
+seed_everything(0)
+model = Dsr(vq_weights=vq, pre_processor=Dsr.configure_pre_processor(({size}, {size})), visualizer=False,
+            learning_rate={lr}, **{widths})
+engine = Engine(default_root_dir=Path(out) / "results", max_steps={max_steps}, callbacks=[Snapshot()],
+                accelerator="cpu", devices=2, strategy="ddp", enable_progress_bar=False, enable_model_summary=False)
+datamodule = MVTecAD(root=data_root, category="{category}", train_batch_size=2, eval_batch_size=4, num_workers=0)
+engine.fit(model, datamodule=datamodule)
+torch.save({{"masks": masks, "snapshots": snapshots, "state": model.model.state_dict(),
+            "phase2_steps": model.phase2_steps, "global_step": model.global_step,
+            "world_size": engine.trainer.world_size}}, Path(out) / f"rank{{engine.trainer.global_rank}}.pt")
+""".format(size=IMAGE_SIZE, lr=LR, widths=TINY_WIDTHS, max_steps=MAX_STEPS, category=CATEGORY)
+
+
+def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], prefix: str) -> bool:
+    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix + "."))
+
+
+def evaluate(make_dsr, make_datamodule, state: dict[str, torch.Tensor], root: Path) -> dict[str, float]:
+    model = make_dsr()
+    model.model.load_state_dict(state)
+    results = Engine(default_root_dir=root, **TRAINER_KWARGS).test(model, datamodule=make_datamodule(), verbose=False)
+    return {k: results[0][k] for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPR")}
+
+
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ddp_two_cpu_processes_matches_single_process(make_dsr, make_datamodule, demo_root, vq_weights, tmp_path):
+    script = tmp_path / "train_ddp.py"
+    script.write_text(SCRIPT)
+    out = tmp_path / "ddp"
+    out.mkdir()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run(
+        [sys.executable, str(script), str(demo_root), str(vq_weights), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=500,
+    )
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    ranks = [torch.load(out / f"rank{r}.pt", map_location="cpu", weights_only=False) for r in (0, 1)]
+
+    for rank in ranks:
+        assert rank["world_size"] == 2
+        assert rank["global_step"] == MAX_STEPS
+        assert rank["phase2_steps"] == 16  # the phase split counts optimisation steps, not per-rank batches
+        assert len(rank["masks"]) == 16 and all(m.shape[0] == 2 for m in rank["masks"])
+    # Each rank draws its own anomalies...
+    # (half the masks are empty by design: equal empty batches on both ranks are allowed)
+    pairs = list(zip(ranks[0]["masks"], ranks[1]["masks"], strict=True))
+    assert all(not torch.equal(a, b) or a.sum() == 0 for a, b in pairs)
+    assert sum(not torch.equal(a, b) for a, b in pairs) >= len(pairs) // 2
+    # ...and DDP keeps the weights in sync.
+    for key, value in ranks[0]["state"].items():
+        assert torch.equal(value, ranks[1]["state"][key]), key
+    start, switch, end = (ranks[0]["snapshots"]["start"], ranks[0]["snapshots"]["switch"], ranks[0]["state"])
+    for name in PHASE2_MODULES:
+        assert changed(start, switch, name) and not changed(switch, end, name), name
+    assert not changed(start, switch, "upsampling") and changed(switch, end, "upsampling")
+    assert not changed(start, end, "vq")
+
+    seed_everything(0)
+    single = make_dsr(learning_rate=LR)
+    Engine(default_root_dir=tmp_path / "single", max_steps=MAX_STEPS, **TRAINER_KWARGS).fit(
+        single, datamodule=make_datamodule(train_batch_size=4)
+    )
+    ddp_metrics = evaluate(make_dsr, make_datamodule, ranks[0]["state"], tmp_path / "test_ddp")
+    single_metrics = evaluate(make_dsr, make_datamodule, single.model.state_dict(), tmp_path / "test_single")
+    print("DDP:", ddp_metrics, "single process:", single_metrics)
+    for name, tolerance in METRIC_TOLERANCE.items():
+        assert abs(ddp_metrics[name] - single_metrics[name]) <= tolerance, (name, ddp_metrics, single_metrics)
+    assert 0.0 <= ddp_metrics["image_AUROC"] <= 1.0
