@@ -11,6 +11,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
@@ -45,9 +46,16 @@ class DemoSettings:
         return {k: v for k, v in asdict(self).items() if k in ("channels", "res_hidden", "num_embeddings", "embedding_dim")}
 
 
-def run_demo(output: str | Path = "demo_output", settings: DemoSettings = DemoSettings(), progress: bool = True) -> dict[str, float]:
-    """Run the demo into ``output``; returns the test metrics."""
+def run_demo(
+    output: str | Path = "demo_output",
+    settings: DemoSettings = DemoSettings(),
+    progress: bool = True,
+    precision: str | None = None,
+) -> dict[str, float]:
+    """Run the demo into ``output``; returns the test metrics. ``precision``: Lightning's, for DSR's
+    training and test (e.g. ``"bf16-mixed"``); ``None`` keeps the trainer's default (fp32)."""
     output = Path(output).resolve()
+    torch.set_flush_denormal(True)  # CPU: subnormal floats in late training steps are many times slower
     seed_everything(settings.seed, workers=True)
     print(f"[1/4] Building the demo dataset in {output / 'data'}")
     make_demo_dataset(output / "data", image_size=settings.image_size, num_train=settings.num_train, seed=settings.seed)
@@ -87,6 +95,7 @@ def run_demo(output: str | Path = "demo_output", settings: DemoSettings = DemoSe
         enable_model_summary=False,
         check_val_every_n_epoch=None,
         val_check_interval=settings.dsr_steps,
+        **({"precision": precision} if precision is not None else {}),
     )
     engine.fit(model, datamodule=datamodule)
 
