@@ -75,6 +75,7 @@ def run_demo(
 
     print(f"[3/4] Training DSR: {settings.dsr_steps} steps, phases 2 and 3 in the paper's 2:1 ratio")
     model = Dsr(
+        image_size=settings.image_size,
         vq_weights=vq_file,
         decoder_bottleneck=settings.decoder_bottleneck,
         unet_width=settings.unet_width,

@@ -303,7 +303,7 @@ class Dsr(AnomalibModule):
         """With deferred checks, tell the fused Adam to skip this update on the device if the loss is not finite."""
         if self._unchecked_loss is not None:
             optimizer = getattr(optimizer, "_optimizer", optimizer)
-            optimizer.found_inf = (~torch.isfinite(self._unchecked_loss[0])).float().reshape(1)
+            optimizer.found_inf = (~torch.isfinite(self._unchecked_loss[0])).float()
 
     def on_train_end(self) -> None:
         self.raise_if_not_finite()
