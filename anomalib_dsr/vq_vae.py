@@ -26,9 +26,6 @@ class ResidualBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The released code's first ReLU works in place, so its skip connection carries ReLU(x), not x
-        # (SPEC §2 reads "added to the input"); the released weights were trained that way.
-        x = F.relu(x)
         return x + self.block(x)
 
 

@@ -146,8 +146,7 @@ def residual_stack(state: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
     """2 x [ReLU, conv 3x3 (no bias), ReLU, conv 1x1 (no bias)] added to the input, then ReLU (SPEC §2)."""
     for i in range(2):
         block = f"{name}._layers.{i}._block"
-        x = F.relu(x)  # the released code's first ReLU is in place: the skip carries ReLU(x)
-        x = x + conv(state, f"{block}.3", F.relu(conv(state, f"{block}.1", x)))
+        x = x + conv(state, f"{block}.3", F.relu(conv(state, f"{block}.1", F.relu(x))))
     return F.relu(x)
 
 
