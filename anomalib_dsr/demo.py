@@ -30,8 +30,8 @@ class DemoSettings:
 
     image_size: int = 64
     num_train: int = 80
-    vq_steps: int = 400
-    dsr_steps: int = 1200
+    vq_steps: int = 300
+    dsr_steps: int = 450
     batch_size: int = 8
     channels: int = 32
     res_hidden: int = 16
