@@ -14,19 +14,25 @@ from torch import nn
 
 
 class ResidualBlock(nn.Module):
-    """ReLU, conv 3x3 ``channels→hidden`` (no bias), ReLU, conv 1x1 ``hidden→channels`` (no bias)."""
+    """``relu(x) + conv1x1(relu(conv3x3(relu(x))))`` (no biases). Shape preserving.
+
+    The skip adds ReLU(x), not x: the released code's first ReLU is in place, so its skip connection sees the
+    rectified tensor (SPEC §2 says "added to the input"; the released weights were trained this way).
+    """
 
     def __init__(self, channels: int, hidden: int) -> None:
         super().__init__()
+        # Indices 1 and 3 hold the convolutions, as in the released files' ``_block.1`` and ``_block.3``.
         self.block = nn.Sequential(
             nn.ReLU(),
             nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
-            nn.ReLU(inplace=True),  # not the first ReLU: its input is also the skip connection's
+            nn.ReLU(inplace=True),
             nn.Conv2d(hidden, channels, 1, bias=False),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
+        x = self.block[0](x)
+        return x + self.block[1:](x)
 
 
 class ResidualStack(nn.Module):

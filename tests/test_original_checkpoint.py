@@ -143,10 +143,14 @@ def conv_t(state: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def residual_stack(state: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
-    """2 x [ReLU, conv 3x3 (no bias), ReLU, conv 1x1 (no bias)] added to the input, then ReLU (SPEC §2)."""
+    """2 x [ReLU, conv 3x3 (no bias), ReLU, conv 1x1 (no bias)] added to the rectified input, then ReLU.
+
+    SPEC §2 says "added to the input"; the released code's first ReLU is in place, so the skip adds ReLU(x).
+    """
     for i in range(2):
         block = f"{name}._layers.{i}._block"
-        x = x + conv(state, f"{block}.3", F.relu(conv(state, f"{block}.1", F.relu(x))))
+        x = F.relu(x)
+        x = x + conv(state, f"{block}.3", F.relu(conv(state, f"{block}.1", x)))
     return F.relu(x)
 
 
