@@ -2,7 +2,7 @@
 
 Training, testing, prediction and export go through ``anomalib train|test|predict|export --model
 anomalib_dsr.Dsr``; this command adds VQ-VAE pretraining, the offline demo, import and export of the
-authors' released weights, and the paper-comparison table.
+authors' released weights, the paper-comparison table, and the benchmark against PatchCore and DRAEM.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from anomalib_dsr.benchmark import BenchmarkConfigError, run_benchmark
 from anomalib_dsr.demo import DemoSettings, run_demo
 from anomalib_dsr.original_checkpoint import export_original, import_original
 from anomalib_dsr.original_format import VQ_FILE_NAME, WeightsError
@@ -69,6 +70,15 @@ def _paper_table(args: argparse.Namespace) -> None:
     print(table)
 
 
+def _benchmark(args: argparse.Namespace) -> None:
+    try:
+        folder = run_benchmark(args.config)
+    except BenchmarkConfigError as error:
+        raise SystemExit(f"anomalib-dsr benchmark: error: {error}") from None
+    print((folder / "report.md").read_text())
+    print(f"Results CSV, report and chart in {folder}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomalib-dsr", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("results", nargs="+", help="JSON/CSV metrics: CATEGORY=PATH, or PATH with the category in it.")
     table.add_argument("--output", default=None, help="Also write the table to this markdown file.")
     table.set_defaults(func=_paper_table)
+
+    bench = commands.add_parser("benchmark", help="DSR vs PatchCore and DRAEM through anomalib's Benchmark pipeline.")
+    bench.add_argument("--config", required=True, help="Benchmark config, e.g. configs/benchmark/demo.yaml.")
+    bench.set_defaults(func=_benchmark)
     return parser
 
 

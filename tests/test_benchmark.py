@@ -1,0 +1,163 @@
+"""``anomalib-dsr benchmark``: anomalib's Benchmark pipeline with DSR, DRAEM and PatchCore, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+
+from anomalib_dsr.benchmark import (
+    TEXTURE_MARKER,
+    BenchmarkConfigError,
+    build_model,
+    check_config,
+    markdown_report,
+    missing_backbone_reason,
+    run_benchmark,
+)
+from anomalib_dsr.cli import main
+from conftest import IMAGE_SIZE, TINY_WIDTHS
+
+
+@pytest.fixture
+def empty_weight_caches(tmp_path, monkeypatch):
+    """No timm / Hugging Face / torch hub weights on this 'machine', whatever the real caches hold."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+def tiny_config(root: Path) -> dict:
+    data = root / "data"
+    return {
+        "accelerator": "cpu",
+        "demo_dataset": {"root": str(data), "image_size": IMAGE_SIZE, "num_train": 8, "num_test_good": 4, "num_test_defect": 4},
+        "benchmark": {
+            "seed": 0,
+            "image_size": IMAGE_SIZE,
+            "model": {
+                "grid": [
+                    {
+                        "class_path": "anomalib_dsr.Dsr",
+                        "init_args": {"vq_weights": str(root / "vq.pckl"), **TINY_WIDTHS},
+                        "pretrain_vq": {"images": [str(data / "gravel/train/good")], "image_size": IMAGE_SIZE, "max_steps": 4, "batch_size": 4},
+                        "trainer": {"max_steps": 3},
+                    },
+                    {"class_path": "Draem", "init_args": {"dtd_dir": str(root / "textures")}, "trainer": {"max_steps": 1}},
+                    {"class_path": "Patchcore", "init_args": {"backbone": "wide_resnet50_2"}, "trainer": {"max_epochs": 1}},
+                ]
+            },
+            "data": {
+                "class_path": "MVTecAD",
+                "init_args": {
+                    "root": str(data),
+                    "category": {"grid": ["gravel"]},
+                    "train_batch_size": 4,
+                    "eval_batch_size": 4,
+                    "num_workers": 0,
+                },
+            },
+        },
+    }
+
+
+def test_tiny_benchmark_trains_dsr_and_draem_and_skips_patchcore(tmp_path, monkeypatch, empty_weight_caches, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
+    monkeypatch.chdir(tmp_path)
+    main(["benchmark", "--config", str(config)])
+
+    (folder,) = (tmp_path / "runs" / "benchmark").iterdir()
+    results = pd.read_csv(folder / "results.csv").set_index("model")
+    assert results.loc["Dsr", "status"] == "ok" and results.loc["Draem", "status"] == "ok"
+    assert results.loc["Patchcore", "status"] == "skipped"
+    assert "wide_resnet50_2" in results.loc["Patchcore", "reason"] and "backbone_weights" in results.loc["Patchcore", "reason"]
+    for model in ("Dsr", "Draem"):
+        row = results.loc[model]
+        for metric in ("image_AUROC", "pixel_AUROC", "pixel_AUPR"):
+            assert 0.0 <= row[metric] <= 1.0, (model, metric)
+        assert row["fit_duration"] > 0 and row["images_per_second"] > 0
+    assert results.loc["Dsr", "model.trainer.max_steps"] == 3  # the budget is recorded with the results
+
+    report = (folder / "report.md").read_text()
+    assert report.strip() in capsys.readouterr().out  # the CLI prints the report
+    assert "| gravel |" in report and "Dsr image AUROC" in report and "Draem pixel AP" in report
+    assert "**Patchcore** (gravel): skipped" in report
+    assert "scikit-image photographs" in report and "VQ-VAE pretrained" in report
+    assert "paper" not in report.split("Columns:")[0].split("|---")[0]  # no paper column: gravel is not in MVTec AD
+    with Image.open(folder / "chart.png") as chart:
+        assert chart.format == "PNG" and chart.width > 400
+    assert (tmp_path / "textures" / TEXTURE_MARKER).is_file()
+    assert len(list((tmp_path / "textures").glob("*.png"))) > 20
+    assert (tmp_path / "vq.pckl").is_file()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_patchcore_runs_from_local_backbone_weights(tmp_path, empty_weight_caches, suffix):
+    reference = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / f"resnet18{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(reference.state_dict(), str(path))
+    else:
+        torch.save(reference.state_dict(), path)
+    entry = {"class_path": "Patchcore", "init_args": {"backbone": "resnet18"}, "trainer": {"max_epochs": 1}}
+
+    assert "resnet18" in missing_backbone_reason(entry)  # not cached here, no file given: skipped
+    entry["backbone_weights"] = str(path)
+    assert missing_backbone_reason(entry) is None
+    model = build_model(entry, image_size=IMAGE_SIZE)
+    loaded = model.model.feature_extractor.feature_extractor.state_dict()
+    assert torch.equal(loaded["layer2.0.conv1.weight"], reference.state_dict()["layer2.0.conv1.weight"])
+    assert model.pre_processor.transform.transforms[0].size == [IMAGE_SIZE, IMAGE_SIZE]
+
+
+def test_backbone_weights_of_another_network_are_refused(tmp_path):
+    path = tmp_path / "not_resnet.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, path)
+    entry = {"class_path": "Patchcore", "init_args": {"backbone": "resnet18"}, "backbone_weights": str(path)}
+    with pytest.raises(BenchmarkConfigError, match=r"not_resnet\.pth: not weights of resnet18; missing e\.g\."):
+        build_model(entry, image_size=IMAGE_SIZE)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"class_path": "Draem"}, r"model Draem: set a training budget"),
+        ({"class_path": "os.system", "trainer": {"max_steps": 1}}, r"'os\.system': only models from anomalib\.models or anomalib_dsr"),
+        ({"class_path": "NoSuchModel", "trainer": {"max_steps": 1}}, r"anomalib\.models has no anomalib model named 'NoSuchModel'"),
+        ({"class_path": "Draem", "trainer": {"max_steps": 1}, "budget": 3}, r"unknown keys \['budget'\]"),
+        ({"class_path": "anomalib_dsr.Dsr", "pretrain_vq": {}, "trainer": {"max_steps": 1}}, r"model Dsr: 'pretrain_vq' needs 'init_args: \{vq_weights: PATH\}'"),
+    ],
+)
+def test_config_errors_name_the_model_and_what_is_valid(entry, message):
+    with pytest.raises(BenchmarkConfigError, match=message):
+        check_config({"accelerator": "cpu", "benchmark": {"model": {"grid": [entry]}}})
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(BenchmarkConfigError, match=r"nothing\.yaml: no such file"):
+        run_benchmark(tmp_path / "nothing.yaml")
+
+
+def test_report_has_paper_column_and_mean_for_mvtec():
+    rows = [
+        {"model": "Dsr", "status": "ok", "data.class_path": "MVTecAD", "data.init_args.category": category,
+         "image_AUROC": auroc, "pixel_AUPR": 0.5, "pixel_AUROC": 0.9, "fit_duration": 10.0, "images_per_second": 2.0}
+        for category, auroc in (("bottle", 0.99), ("cable", 0.90))
+    ]  # fmt: skip
+    report = markdown_report(pd.DataFrame(rows), notes=["a note"])
+    lines = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    # bottle: ours 99.0, paper 100 → -1.0; cable: 90.0 vs 93.8 → -3.8; mean of both rows
+    assert lines["bottle"].endswith("| 99.0 | 50.0 | 90.0 | 10.0 | 2.0 | 100.0 | -1.0 |")
+    assert lines["cable"].endswith("| 90.0 | 50.0 | 90.0 | 10.0 | 2.0 | 93.8 | -3.8 |")
+    assert lines["mean"].endswith("| 94.5 | 50.0 | 90.0 | 10.0 | 2.0 | 96.9 | -2.4 |")
+    assert "- a note" in report
