@@ -27,4 +27,4 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 clean:
-	rm -rf demo_output results .pytest_cache
+	rm -rf demo_output results runs .pytest_cache
