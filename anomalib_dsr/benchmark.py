@@ -38,7 +38,6 @@ from anomalib.pipelines import Benchmark
 from anomalib.pipelines.benchmark.generator import BenchmarkJobGenerator
 from anomalib.pipelines.benchmark.job import BenchmarkJob
 from anomalib.pipelines.components import Job, Runner
-from anomalib.pipelines.components.runners import ParallelRunner, SerialRunner
 from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
 from anomalib.pipelines.types import PREV_STAGE_RESULT
 from anomalib.utils.config import flatten_dict
@@ -92,7 +91,13 @@ def model_class(class_path: str) -> type[AnomalibModule]:
 
 
 def check_config(config: dict) -> None:
-    """Refuse, before anything runs, models that cannot be built and models without a training budget."""
+    """Refuse, before anything runs, unsupported accelerators, models that cannot be built and models without a
+    training budget."""
+    accelerators = config["accelerator"] if isinstance(config["accelerator"], list) else [config["accelerator"]]
+    for accelerator in accelerators:
+        if accelerator not in {"cpu", "cuda"}:
+            msg = f"accelerator {accelerator!r}: use cpu or cuda (anomalib's benchmark pipeline)."
+            raise BenchmarkConfigError(msg)
     models = config.get("benchmark", {}).get("model", {})
     for entry in models.get("grid", [models]):
         cls = model_class(entry.get("class_path", ""))
@@ -352,15 +357,10 @@ class BenchmarkRun(Benchmark):
 
     @staticmethod
     def _setup_runners(args: dict) -> list[Runner]:
-        accelerators = args["accelerator"] if isinstance(args["accelerator"], list) else [args["accelerator"]]
-        runners: list[Runner] = []
-        for accelerator in accelerators:
-            if accelerator not in {"cpu", "cuda"}:
-                msg = f"accelerator {accelerator!r}: use cpu or cuda (anomalib's benchmark pipeline)."
-                raise BenchmarkConfigError(msg)
-            gpus = torch.cuda.device_count()
-            generator = BudgetedJobGenerator(accelerator)
-            runners.append(SerialRunner(generator) if accelerator == "cpu" or gpus <= 1 else ParallelRunner(generator, n_jobs=gpus))
+        """anomalib's runners (serial, or one job per GPU), each given :class:`BudgetedJobGenerator`."""
+        runners = Benchmark._setup_runners(args)
+        for runner in runners:
+            runner.generator = BudgetedJobGenerator(runner.generator.accelerator)
         return runners
 
 

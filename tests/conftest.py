@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 
 # One intra-op thread: on a small shared CPU, torch's default thread pool oversubscribes the cores and
 # makes these tiny models about 100x slower.
@@ -95,3 +96,14 @@ def make_datamodule(demo_root: Path):
         return MVTecAD(**kwargs)
 
     return make
+
+
+class StopAt(Callback):
+    """Stops training once ``global_step`` reaches ``step`` (an interrupted run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

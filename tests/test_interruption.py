@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from anomalib_dsr.pretraining import pretrain_vq
 
-from conftest import CATEGORY, IMAGE_SIZE, TINY_WIDTHS, TRAINER_KWARGS, VQ_WIDTHS
+from conftest import CATEGORY, IMAGE_SIZE, TINY_WIDTHS, TRAINER_KWARGS, VQ_WIDTHS, StopAt
 
 MAX_STEPS = 12  # 8 phase-2 steps (LR x0.1 from step 6), then 4 phase-3 steps
 LR = 1e-3
@@ -172,15 +172,6 @@ def test_default_config_writes_a_resumable_last_checkpoint() -> None:
     assert init["save_last"] is True
     assert 0 < init["every_n_train_steps"] <= config["trainer"]["max_steps"] // 10
     assert isinstance(config["seed_everything"], int)  # resuming reproduces the run only with a fixed seed
-
-
-class StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
 
 
 def test_vq_pretraining_resumes_exactly(demo_root: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize
 from anomalib_dsr import Dsr
 from anomalib_dsr.original_format import VQ_FORMAT, original_state, read_state_dict
 
-from conftest import IMAGE_SIZE, TRAINER_KWARGS
+from conftest import IMAGE_SIZE, TRAINER_KWARGS, StopAt
 
 PHASE2_MODULES = ("restriction_lo", "restriction_hi", "object_decoder", "anomaly_detection")
 IMAGENET_NORMALIZE = Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
@@ -174,15 +174,6 @@ def test_missing_vq_file_names_path_and_pretrain_command(make_dsr, make_datamodu
 
 
 # -------------------------------------------------------------------------------------------------- resuming
-class StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 def test_resume_from_checkpoint_matches_uninterrupted_run(make_dsr, make_datamodule, tmp_path):
     """8 steps (5 in phase 2) straight, versus 4 steps, stop, resume from last.ckpt: same final weights.
 
