@@ -9,16 +9,21 @@ runners, results CSV) runs as is. What it lacks for this comparison is added her
 - one evaluator for every model (image AUROC, pixel AUROC, pixel AP) and the test throughput in images/s;
 - offline inputs: PatchCore is recorded as skipped, with the reason, when its ImageNet backbone weights are
   neither in the local cache nor given as a file (``backbone_weights``); DRAEM gets a local texture folder
-  instead of downloading DTD; the demo dataset and a small VQ-VAE for DSR are built when missing;
-- a markdown report and a PNG chart beside anomalib's ``results.csv``.
+  instead of downloading DTD; the demo dataset, the ELPV solar-cell dataset (from its pip package) and a
+  general VQ-VAE for DSR (from the photographs installed packages ship) are built when missing;
+- per-job progress lines (anomalib hides each job's output) and a learning curve per model (image AUROC and
+  pixel AP against training wall time);
+- a markdown report and PNG charts beside anomalib's ``results.csv``.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import logging
 import math
+import sys
 import time
 from argparse import Namespace
 from collections.abc import Generator
@@ -46,6 +51,9 @@ from lightning.pytorch import Callback, seed_everything
 from PIL import Image
 
 from anomalib_dsr.demo_data import make_demo_dataset
+from anomalib_dsr.elpv import prepare_elpv
+from anomalib_dsr.general_images import general_photos, photo_names
+from anomalib_dsr.learning_curve import LearningCurve, save_curve_chart
 from anomalib_dsr.lightning_model import Dsr
 from anomalib_dsr.paper_table import PAPER_IMAGE_AUROC
 from anomalib_dsr.pretraining import pretrain_vq
@@ -55,12 +63,7 @@ logger = logging.getLogger(__name__)
 # Where model classes may come from (anomalib's own whitelist, plus this package).
 MODEL_MODULES = ("anomalib.models", "anomalib_dsr")
 # Keys of a model entry beside anomalib's class_path / init_args.
-RUNNER_KEYS = ("trainer", "backbone_weights", "pretrain_vq")
-# scikit-image photographs for DRAEM's anomaly textures: none of them is in the demo dataset.
-TEXTURE_PHOTOS = (
-    "astronaut", "camera", "cell", "chelsea", "coffee", "coins", "hubble_deep_field",
-    "immunohistochemistry", "moon", "page", "retina", "rocket", "text",
-)  # fmt: skip
+RUNNER_KEYS = ("trainer", "backbone_weights", "pretrain_vq", "curve_points")
 TEXTURE_MARKER = "TEXTURES_FROM_SCIKIT_IMAGE.txt"
 # Report columns: (heading, results.csv column, scale).
 REPORT_METRICS = (
@@ -190,20 +193,17 @@ def backbone_in_cache(backbone: str) -> bool:
 
 
 def make_texture_folder(folder: Path, tile: int = 256) -> int:
-    """Fill ``folder`` with texture tiles cut from scikit-image's bundled photographs (DRAEM's offline stand-in
-    for DTD); returns how many. A marker file records where they come from."""
-    from skimage import data as skdata
-
+    """Fill ``folder`` with texture tiles cut from the photographs installed packages ship (DRAEM's offline
+    stand-in for DTD; none of them is in the demo dataset); returns how many. A marker file says so."""
     folder.mkdir(parents=True, exist_ok=True)
     count = 0
-    for name in TEXTURE_PHOTOS:
-        photo = np.asarray(getattr(skdata, name)())
-        photo = np.repeat(photo[..., None], 3, axis=2) if photo.ndim == 2 else photo[..., :3]
+    for name, photo in zip(photo_names(), general_photos(), strict=True):
+        name = name.replace(":", "_").split(".")[0]
         for top in range(0, photo.shape[0] - tile + 1, tile):
             for left in range(0, photo.shape[1] - tile + 1, tile):
                 Image.fromarray(photo[top : top + tile, left : left + tile]).save(folder / f"{name}_{top}_{left}.png")
                 count += 1
-    (folder / TEXTURE_MARKER).write_text(f"{count} tiles of {tile}x{tile} from scikit-image photographs, not DTD.\n")
+    (folder / TEXTURE_MARKER).write_text(f"{count} tiles of {tile}x{tile} from photographs packages ship, not DTD.\n")
     return count
 
 
@@ -218,22 +218,27 @@ def prepare_offline_inputs(config: dict) -> list[str]:
     if demo:
         folder = make_demo_dataset(**demo)
         notes.append(f"Dataset: the offline demo dataset ({folder}), built from scikit-image photographs.")
+    if elpv := config.get("elpv_dataset"):
+        folder = prepare_elpv(**elpv)
+        notes.append(f"Dataset: ELPV solar cells (pip package elpv-dataset, CC BY-NC-SA 4.0) laid out in {folder}.")
     models = config["benchmark"]["model"]
     for entry in models.get("grid", [models]):
         init_args = entry.get("init_args") or {}
         if "pretrain_vq" in entry and not Path(init_args["vq_weights"]).is_file():
             start = time.perf_counter()
             widths = {k: init_args[k] for k in ("channels", "res_hidden", "num_embeddings", "embedding_dim") if k in init_args}
-            pretrain_vq(output=init_args["vq_weights"], resume=False, **entry["pretrain_vq"], **widths)
+            recipe = {"images": None, "general": not entry["pretrain_vq"].get("images"), **entry["pretrain_vq"]}
+            pretrain_vq(output=init_args["vq_weights"], resume=False, **recipe, **widths)
+            source = "the photographs installed packages ship" if recipe["general"] else ", ".join(map(str, recipe["images"]))
             seconds = time.perf_counter() - start
-            notes.append(f"DSR: general VQ-VAE pretrained on this dataset's good images in {seconds:.0f} s (not counted in 'train s').")
+            notes.append(f"DSR: general VQ-VAE pretrained on {source} in {seconds:.0f} s (not counted in 'train s').")
         if "dtd_dir" in inspect.signature(model_class(entry["class_path"])).parameters:
             textures = Path(init_args.get("dtd_dir", "./datasets/dtd"))
             if not has_images(textures):
                 count = make_texture_folder(textures)
-                logger.info("DRAEM: %d scikit-image texture tiles written to %s (DTD is not downloaded)", count, textures)
+                logger.info("DRAEM: %d texture tiles written to %s (DTD is not downloaded)", count, textures)
             if (textures / TEXTURE_MARKER).is_file():
-                notes.append(f"DRAEM: anomaly textures are tiles of scikit-image photographs in {textures}, not DTD.")
+                notes.append(f"DRAEM: anomaly textures are tiles of photographs that installed packages ship ({textures}), not DTD.")
     return notes
 
 
@@ -257,18 +262,51 @@ class ThroughputTimer(Callback):
         return self.images / self.seconds if self.seconds else math.nan
 
 
-class BudgetedBenchmarkJob(BenchmarkJob):
-    """anomalib's benchmark job with the model's training budget, test throughput, and errors kept as rows."""
+class JobProgress(Callback):
+    """One line per tenth of a job's training steps (model, dataset, step / total, elapsed) on the terminal's
+    stderr, which anomalib's ``hide_output`` leaves alone."""
 
-    def __init__(self, accelerator: str, model: AnomalibModule, datamodule, seed: int, flat_cfg: dict, trainer: dict) -> None:
+    def __init__(self, label: str, lines: int = 10) -> None:
+        self.label = label
+        self.lines = lines
+        self._start = 0.0
+        self._every = 1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+        self._every = max(1, math.ceil(trainer.estimated_stepping_batches / self.lines))
+        self._print(f"training, {int(trainer.estimated_stepping_batches)} steps")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, total = trainer.global_step, int(trainer.estimated_stepping_batches)
+        if step % self._every == 0 or step == total:
+            self._print(f"step {step}/{total}, {time.perf_counter() - self._start:.0f} s")
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._print("testing")
+
+    def _print(self, message: str) -> None:
+        print(f"[benchmark] {self.label}: {message}", file=sys.__stderr__, flush=True)
+
+
+class BudgetedBenchmarkJob(BenchmarkJob):
+    """anomalib's benchmark job with the model's training budget, test throughput, a learning curve, progress
+    lines, and errors kept as rows."""
+
+    def __init__(
+        self, accelerator: str, model: AnomalibModule, datamodule, seed: int, flat_cfg: dict, trainer: dict, curve_points: int = 5
+    ) -> None:
         super().__init__(accelerator=accelerator, model=model, datamodule=datamodule, seed=seed, flat_cfg=flat_cfg)
         self.trainer = trainer
+        self.curve_points = curve_points
 
     @hide_output
     def run(self, task_id: int | None = None) -> dict[str, Any]:
         """Train within the budget, test; returns the results row (``status`` ``failed`` with the reason on error)."""
         row = {"accelerator": self.accelerator, "model": type(self.model).__name__, **self.flat_cfg}
         timer = ThroughputTimer()
+        curve = LearningCurve(self.curve_points)
+        progress = JobProgress(f"{row['model']} on {with_category(pd.DataFrame([row]))['category'].iloc[0]}")
         try:
             with TemporaryDirectory() as temp_dir:
                 seed_everything(self.seed)
@@ -277,7 +315,7 @@ class BudgetedBenchmarkJob(BenchmarkJob):
                     devices="auto" if task_id is None else [task_id],
                     default_root_dir=temp_dir,
                     logger=False,
-                    callbacks=[timer],
+                    callbacks=[timer, curve, progress],
                     **self.trainer,
                 )
                 start = time.perf_counter()
@@ -289,7 +327,8 @@ class BudgetedBenchmarkJob(BenchmarkJob):
             logger.exception("Benchmark job %s failed", row["model"])
             return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
         durations = {"fit_duration": fitted - start, "test_duration": tested - fitted}
-        return {**row, "status": "ok", **durations, "images_per_second": timer.images_per_second, **metrics}
+        curve_json = json.dumps(curve.rows)
+        return {**row, "status": "ok", **durations, "images_per_second": timer.images_per_second, "learning_curve": curve_json, **metrics}
 
     @staticmethod
     def collect(results: list[dict[str, Any]]) -> pd.DataFrame:
@@ -298,14 +337,19 @@ class BudgetedBenchmarkJob(BenchmarkJob):
 
     @staticmethod
     def save(result: pd.DataFrame) -> None:
-        """anomalib's ``runs/benchmark/<time>/results.csv``, plus ``report.md`` and ``chart.png`` beside it."""
+        """anomalib's ``runs/benchmark/<time>/results.csv``, plus ``report.md``, ``chart.png`` and
+        ``learning_curves.png`` beside it."""
         folder = Path("runs") / BenchmarkJob.name / datetime.now().strftime("%Y-%m-%d-%H_%M_%S")
         folder.mkdir(parents=True, exist_ok=True)
         result.to_csv(folder / "results.csv", index=False)
         (folder / "report.md").write_text(markdown_report(result, BenchmarkRun.notes))
         save_chart(result, folder / "chart.png")
+        ok = with_category(result).query("status == 'ok'")
+        curves = {f"{r.model} ({r.category})": json.loads(r.learning_curve) for r in ok.itertuples() if r.learning_curve != "[]"}
+        if curves:
+            save_curve_chart(curves, folder / "learning_curves.png")
         BenchmarkRun.folder = folder
-        print(f"Benchmark results: {folder / 'results.csv'}, {folder / 'report.md'}, {folder / 'chart.png'}")
+        print(f"Benchmark results in {folder}: results.csv, report.md, chart.png, learning_curves.png")
 
 
 class SkippedJob(Job):
@@ -346,6 +390,7 @@ class BudgetedJobGenerator(BenchmarkJobGenerator):
                 seed=container["seed"],
                 flat_cfg=flat_cfg,
                 trainer=dict(model_config["trainer"]),
+                curve_points=model_config.get("curve_points", 5),
             )
 
 

@@ -21,6 +21,8 @@ from anomalib_dsr.pretraining import pretrain_vq
 
 
 def _pretrain_vq(args: argparse.Namespace) -> None:
+    if bool(args.images) == args.general:
+        raise SystemExit("anomalib-dsr pretrain-vq: error: give either --images DIR [DIR ...] or --general.")
     path = pretrain_vq(
         args.images,
         args.output,
@@ -36,12 +38,13 @@ def _pretrain_vq(args: argparse.Namespace) -> None:
         res_hidden=args.res_hidden,
         num_embeddings=args.num_embeddings,
         embedding_dim=args.embedding_dim,
+        general=args.general,
     )
     print(f"VQ-VAE weights written to {path}")
 
 
 def _demo(args: argparse.Namespace) -> None:
-    run_demo(args.output, DemoSettings(dsr_steps=args.steps, vq_steps=args.vq_steps))
+    run_demo(args.output, DemoSettings(dsr_steps=args.steps, vq_weights=args.vq_weights))
 
 
 def _import_original(args: argparse.Namespace) -> None:
@@ -84,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = commands.add_parser("pretrain-vq", help="Pretrain the general VQ-VAE (phase 1) on folders of images.")
-    pretrain.add_argument("--images", nargs="+", required=True, help="Folders searched recursively for images.")
+    pretrain.add_argument("--images", nargs="+", default=None, help="Folders searched recursively for images.")
+    pretrain.add_argument(
+        "--general",
+        action="store_true",
+        help="Train on the augmented photographs that installed packages ship (no download; see README).",
+    )
     pretrain.add_argument("--output", required=True, help="Weights file to write (original DSR layout).")
     pretrain.add_argument("--image-size", type=int, default=256, help="Training resolution (paper: 256).")
     pretrain.add_argument("--max-steps", type=int, default=100_000, help="Optimisation steps (recipe: 100,000).")
@@ -104,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="Build the demo dataset, pretrain, train, test (offline, CPU).")
     demo.add_argument("--output", default="demo_output", help="Folder for all demo outputs.")
     demo.add_argument("--steps", type=int, default=DemoSettings.dsr_steps, help="DSR training steps.")
-    demo.add_argument("--vq-steps", type=int, default=DemoSettings.vq_steps, help="VQ-VAE pretraining steps.")
+    demo.add_argument(
+        "--vq-weights", default=None, help="General VQ-VAE file at the demo's widths (default: the one shipped)."
+    )
     demo.set_defaults(func=_demo)
 
     imp = commands.add_parser("import-original", help="The authors' released weights → Lightning checkpoint of Dsr.")

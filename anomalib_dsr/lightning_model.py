@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from anomalib import LearningType
-from anomalib.data import Batch
+from anomalib.data import Batch, InferenceBatch
 from anomalib.metrics import AUPR, AUROC, Evaluator, F1Score
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
@@ -75,11 +75,13 @@ class Dsr(AnomalibModule):
         lr_decay: paper: 0.1.
         latent_anomaly_strength: lower bound of λ (paper: 0.2).
         rotation_probability: probability of rotating a phase-2 training image (paper: 0.4).
+        score_window: side of the image score's averaging window (paper: 21 at 256x256); ``None`` scales it
+            with the image side, 21 at 256 and 11 at 128 (a deviation for sizes other than 256).
         channels, res_hidden, num_embeddings, embedding_dim, decoder_bottleneck, unet_width: widths
             (paper: 128, 64, 4096, 128, 64, 64); the VQ file must match the first four.
-        channels_last: run the model in the ``channels_last`` memory layout (same results). Off by default:
-            on CPUs without native bf16 it is no faster in fp32; on GPUs it is the layout tensor cores use
-            (see README, "Speed").
+        channels_last: weights and input in the ``channels_last`` memory layout (outputs match the default
+            layout to float32 rounding). Off by default: slower in fp32 on CPUs without native bf16; on GPUs it
+            is the layout tensor cores use, not measured here (see README, "Speed").
 
     Mixed precision: ``Engine(precision="bf16-mixed")`` (or ``Trainer``) trains under bf16 autocast; the VQ
     distances and code choices stay in fp32, so codes match an fp32 run.
@@ -95,6 +97,7 @@ class Dsr(AnomalibModule):
         lr_decay: float = 0.1,
         latent_anomaly_strength: float = 0.2,
         rotation_probability: float = 0.4,
+        score_window: int | None = None,
         channels: int = 128,
         res_hidden: int = 64,
         num_embeddings: int = 4096,
@@ -133,7 +136,8 @@ class Dsr(AnomalibModule):
             decoder_bottleneck,
             unet_width,
             latent_anomaly_strength,
-            channels_last=channels_last,
+            score_window,
+            channels_last,
         )
         self.loss = DsrLoss()
         self.image_anomalies = ImageAnomalyGenerator()
@@ -312,6 +316,15 @@ class Dsr(AnomalibModule):
         """Predict ``pred_score`` and ``anomaly_map`` for a validation batch."""
         del args, kwargs
         return batch.update(**self.model(batch.image)._asdict())
+
+    @torch.no_grad()
+    def curve_predictions(self, images: torch.Tensor) -> InferenceBatch:
+        """What a learning curve (:mod:`anomalib_dsr.learning_curve`) scores: the model's outputs, except that
+        before phase 3 the anomaly map is P_lo's anomaly channel ``(B, H, W)``, the upsampling module being untrained."""
+        if self.phase == 3:
+            return self.model(images)
+        _, _, probs_lo = self.model.detect(images)
+        return InferenceBatch(pred_score=self.model.image_score(probs_lo), anomaly_map=probs_lo[:, 1])
 
     # -------------------------------------------------------------------------------------- anomalib hooks
     @property

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from anomalib_dsr.data_check import check_image_files
+from anomalib_dsr.general_images import GeneralImages
 from anomalib_dsr.original_format import VQ_FORMAT, original_state
 from anomalib_dsr.vq_vae import GeneralVQVAE
 
@@ -132,8 +133,24 @@ class VQVAEPretraining(pl.LightningModule):
         return path
 
 
+@torch.no_grad()
+def codebook_usage(model: GeneralVQVAE, loader: DataLoader, max_images: int = 512) -> dict[str, int]:
+    """Distinct codes chosen per level over up to ``max_images`` images of ``loader`` (RGB batches)."""
+    used = {"lo": torch.zeros(model.codebook_lo.num_embeddings, dtype=torch.bool),
+            "hi": torch.zeros(model.codebook_hi.num_embeddings, dtype=torch.bool)}  # fmt: skip
+    seen = 0
+    for images in loader:
+        encoded = model.encode(images.flip(1).to(next(model.parameters()).device))
+        used["lo"][model.codebook_lo.nearest(encoded.z_lo).flatten().cpu()] = True
+        used["hi"][model.codebook_hi.nearest(encoded.z_hi).flatten().cpu()] = True
+        seen += images.shape[0]
+        if seen >= max_images:
+            break
+    return {level: int(mask.sum()) for level, mask in used.items()}
+
+
 def pretrain_vq(
-    images: Sequence[str | Path],
+    images: Sequence[str | Path] | None,
     output: str | Path,
     image_size: int = 256,
     max_steps: int = 100_000,
@@ -143,17 +160,24 @@ def pretrain_vq(
     resume: bool = True,
     seed: int = 0,
     trainer_kwargs: dict[str, Any] | None = None,
+    general: bool = False,
     **model_kwargs: Any,
 ) -> Path:
     """Pretrain the general VQ-VAE and write ``output`` in the original tensor layout.
 
+    The images are every image under the folders ``images``, or with ``general`` (and ``images=None``) the
+    augmented photographs installed packages ship (:mod:`anomalib_dsr.general_images`, no download).
     Defaults follow the authors' later recipe (256x256, batch 64, 100k steps). Checkpoints go to
     ``checkpoint_dir`` (default: beside ``output``); with ``resume`` a run continues from ``last.ckpt``.
+    The share of each codebook in use at the end is logged.
     """
+    if general == bool(images):
+        msg = "pretrain_vq needs either image folders (`images`) or `general=True`, not both or neither."
+        raise ValueError(msg)
     pl.seed_everything(seed, workers=True)
     output = Path(output)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output.with_suffix("").with_name(output.stem + "_checkpoints")
-    dataset = ImageFolders(images, image_size)
+    dataset = GeneralImages(image_size, length=max_steps * batch_size) if general else ImageFolders(images, image_size)
     loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, num_workers=num_workers)
     module = VQVAEPretraining(**model_kwargs)
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_train_steps=max(1, min(1000, max_steps // 10)))
@@ -167,5 +191,8 @@ def pretrain_vq(
     )
     last = checkpoint_dir / "last.ckpt"
     trainer.fit(module, loader, ckpt_path=last if resume and last.is_file() else None)
+    usage = codebook_usage(module.model.eval(), loader)
+    k = module.model.codebook_lo.num_embeddings
+    logger.info("Codebook usage on %d training images: lo %d/%d codes, hi %d/%d codes", min(len(dataset), 512), usage["lo"], k, usage["hi"], k)
     logger.info("VQ-VAE weights written to %s", module.save_weights(output))
     return output

@@ -15,7 +15,8 @@ of the spec it implements; shapes for a 3x256x256 input at the paper's widths:
    channels (SPEC §1 row 9);
 6. M = upsampling(concat(I_spc, I_gen, P_lo)) (SPEC §1 row 10);
 7. pred_score = max over the image of the 21x21 average of P_lo[:, 1] (stride 1, zero padding 10 counted
-   in the average; SPEC §5 first point); anomaly_map = softmax(M)[:, 1] (SPEC §5 second point).
+   in the average; SPEC §5 first point; the window scales with the image side, see :func:`score_window_for`);
+   anomaly_map = softmax(M)[:, 1] (SPEC §5 second point).
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def check_image_size(height: int, width: int) -> None:
         raise ValueError(msg)
 
 
+def score_window_for(height: int, width: int) -> tuple[int, int]:
+    """The image-score averaging window for a ``height x width`` input: 21x21 at 256x256 (paper, SPEC §5),
+    scaled with each side to the nearest odd size, ``2·round(10·side/256) + 1`` (11 at 128, 41 at 512).
+
+    A deviation for other sizes: a fixed 21x21 window covers 0.7 % of a 256x256 image but 11 % of a 64x64 one,
+    which smooths small defects away.
+    """
+    return 2 * round(10 * height / 256) + 1, 2 * round(10 * width / 256) + 1
+
+
 class RestrictionTrainingOutput(NamedTuple):
     """What the phase-2 loss needs (SPEC §4). Shapes for an input ``(B, 3, H, W)``."""
 
@@ -72,9 +83,11 @@ class DsrModel(nn.Module):
         decoder_bottleneck: D_spc's 1x1 bottleneck width (paper: 64).
         unet_width: base width of both U-Nets (paper: 64).
         latent_anomaly_strength: lower bound of λ (paper: 0.2).
-        score_window: side of the averaging window for the image score (paper: 21).
-        channels_last: keep weights and activations in the ``channels_last`` memory layout (same results;
-            the layout that tensor cores and oneDNN's bf16 kernels work in, see README "Speed").
+        score_window: side of the averaging window for the image score (paper: 21 at 256x256); ``None``
+            scales it with the input size (:func:`score_window_for`).
+        channels_last: weights and input in the ``channels_last`` memory layout (the layout tensor cores and
+            oneDNN's bf16 kernels work in); InstanceNorm normalises an NCHW copy, so outputs match the default
+            layout to float32 rounding. Slower on this project's CPU (README "Speed").
     """
 
     def __init__(
@@ -86,7 +99,7 @@ class DsrModel(nn.Module):
         decoder_bottleneck: int = 64,
         unet_width: int = 64,
         latent_anomaly_strength: float = 0.2,
-        score_window: int = 21,
+        score_window: int | None = None,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -144,9 +157,14 @@ class DsrModel(nn.Module):
         """RGB ``(B, 3, H, W)`` in [0, 1] → ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, H, W)``."""
         image_spc, image_gen, probs_lo = self.detect(images)
         probs = self.upsampling(torch.cat((image_spc, image_gen, probs_lo), dim=1)).softmax(dim=1)
-        pad = self.score_window // 2
-        smoothed = F.avg_pool2d(probs_lo[:, 1:], self.score_window, stride=1, padding=pad, count_include_pad=True)
-        return InferenceBatch(pred_score=smoothed.amax(dim=(1, 2, 3)), anomaly_map=probs[:, 1])
+        return InferenceBatch(pred_score=self.image_score(probs_lo), anomaly_map=probs[:, 1])
+
+    def image_score(self, probs_lo: torch.Tensor) -> torch.Tensor:
+        """``(B,)``: the maximum of P_lo's anomaly channel averaged over the score window (SPEC §5)."""
+        window = score_window_for(*probs_lo.shape[-2:]) if self.score_window is None else (self.score_window,) * 2
+        pad = (window[0] // 2, window[1] // 2)
+        smoothed = F.avg_pool2d(probs_lo[:, 1:], window, stride=1, padding=pad, count_include_pad=True)
+        return smoothed.amax(dim=(1, 2, 3))
 
     def forward_restriction_training(self, images: torch.Tensor, masks: torch.Tensor) -> RestrictionTrainingOutput:
         """Phase 2 (SPEC §3–4): inject latent anomalies inside ``masks`` ``(B, 1, H, W)``, then restore.

@@ -13,29 +13,48 @@ def _capturing_graph() -> bool:
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):
-    """``nn.InstanceNorm2d`` (no affine, no running statistics), computed in eager mode by ``group_norm`` with one
-    channel per group.
+    """``nn.InstanceNorm2d`` (no affine, no running statistics), computed stably and fast: ``(B, C, H, W)`` → same.
 
-    That is the same normalisation (per image and channel over ``H x W``, biased variance, the same eps), and
-    on CPU it is about twice as fast as ``instance_norm`` (which runs batch norm on a reshaped copy) and keeps
-    ``channels_last`` tensors in that layout. Graph capture (ONNX/OpenVINO export, ``torch.export``) sees the
-    plain ``instance_norm`` op, the most portable one.
+    The same normalisation (per image and channel over ``H x W``, biased variance, the same eps), applied to the
+    input minus its per-channel mean. That leaves the result unchanged, but float32 kernels cancel on a channel of
+    large mean and small spread (E[x²] − E[x]², ``x * scale + shift``). On 8x128x32x32 channels of mean 100 and std
+    1e-3 the largest error against float64 is 1e-7 this way, 2e-3 for ``nn.InstanceNorm2d``, 4e-3 for plain
+    ``group_norm`` and 1.3 for ``group_norm`` on a channels_last tensor (that kernel also loses 4e-5 at 256x256 on
+    centred data, so such tensors are copied to NCHW first, as ``nn.InstanceNorm2d`` does too). Eager mode then
+    normalises with ``group_norm``, one channel per group: on CPU a full-resolution U-Net block (8x64x256x256) runs
+    11–14 % faster than with ``instance_norm``, forward and backward. Graph capture (ONNX/OpenVINO export,
+    ``torch.export``, ``torch.compile``) sees the mean, a subtraction and ``instance_norm``: exported graphs are
+    centred too, and OpenVINO's normalisation has the same weakness.
+
+    Args:
+        num_features: channels C.
+        inplace: subtract the mean in the input tensor itself, which saves allocating a copy (on CPU about as
+            costly as the normalisation); only for inputs nothing else reads, like a convolution's output.
     """
+
+    def __init__(self, num_features: int, *, inplace: bool = False) -> None:
+        super().__init__(num_features)
+        self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _capturing_graph():
-            return super().forward(x)
-        return F.group_norm(x, x.shape[1], eps=self.eps)
+            return super().forward(x - x.mean(dim=(2, 3), keepdim=True))
+        copied = not x.is_contiguous()
+        x = x.contiguous()
+        # No gradient through the mean: the output does not depend on it.
+        mean = x.mean(dim=(2, 3), keepdim=True).detach()
+        centred = x.sub_(mean) if self.inplace or copied else x - mean
+        return F.group_norm(centred, x.shape[1], eps=self.eps)
 
 
 def double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
     """[conv 3x3, InstanceNorm, ReLU] x2; shape ``(B, in, h, w)`` → ``(B, out, h, w)``."""
     return nn.Sequential(
         nn.Conv2d(in_channels, mid_channels, 3, padding=1),
-        InstanceNorm2d(mid_channels),
+        InstanceNorm2d(mid_channels, inplace=True),
         nn.ReLU(inplace=True),  # in place: the norm's backward needs its input, not its output
         nn.Conv2d(mid_channels, out_channels, 3, padding=1),
-        InstanceNorm2d(out_channels),
+        InstanceNorm2d(out_channels, inplace=True),
         nn.ReLU(inplace=True),
     )
 
@@ -45,7 +64,7 @@ def up_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
         nn.Conv2d(in_channels, out_channels, 3, padding=1),
-        InstanceNorm2d(out_channels),
+        InstanceNorm2d(out_channels, inplace=True),
         nn.ReLU(inplace=True),
     )
 

@@ -50,19 +50,21 @@ def train(output: Path, quick: bool) -> tuple[object, object]:
     from anomalib_dsr import Dsr
     from anomalib_dsr.demo import DemoSettings
     from anomalib_dsr.demo_data import make_demo_dataset
+    from anomalib_dsr.general_images import GENERAL_VQ_FILE
     from anomalib_dsr.pretraining import pretrain_vq
 
     settings = DemoSettings()
     if quick:
-        settings = replace(settings, num_train=16, vq_steps=60, dsr_steps=12, batch_size=4, channels=16,
+        settings = replace(settings, num_train=16, dsr_steps=12, batch_size=4, channels=16,
                            res_hidden=8, num_embeddings=32, embedding_dim=16, decoder_bottleneck=8, unet_width=8)  # fmt: skip
     seed_everything(settings.seed, workers=True)
     sizes = {"num_test_good": 4, "num_test_defect": 2} if quick else {}
-    data = make_demo_dataset(output / "data", image_size=settings.image_size, num_train=settings.num_train, seed=settings.seed, **sizes)
+    make_demo_dataset(output / "data", image_size=settings.image_size, num_train=settings.num_train, seed=settings.seed, **sizes)
     quiet = {"enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu"}
-    vq = pretrain_vq([data / "train" / "good"], output / "vq.pckl", image_size=settings.image_size,
-                     max_steps=settings.vq_steps, batch_size=16, seed=settings.seed, resume=False,
-                     trainer_kwargs=dict(quiet), **settings.vq_widths)  # fmt: skip
+    vq = GENERAL_VQ_FILE
+    if quick:  # a tiny general VQ-VAE at the tiny widths
+        vq = pretrain_vq(None, output / "vq.pckl", image_size=64, max_steps=60, batch_size=16, seed=settings.seed,
+                         resume=False, trainer_kwargs=dict(quiet), general=True, **settings.vq_widths)  # fmt: skip
     # --quick: the model works at 64x64 (the 256x256 input is resized inside the graph); only checks the script
     model = Dsr(image_size=64 if quick else SIZE, vq_weights=vq, decoder_bottleneck=settings.decoder_bottleneck,
                 unet_width=settings.unet_width, **settings.vq_widths)  # fmt: skip

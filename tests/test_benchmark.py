@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -47,7 +48,7 @@ def tiny_config(root: Path) -> dict:
                     {
                         "class_path": "anomalib_dsr.Dsr",
                         "init_args": {"vq_weights": str(root / "vq.pckl"), **TINY_WIDTHS},
-                        "pretrain_vq": {"images": [str(data / "gravel/train/good")], "image_size": IMAGE_SIZE, "max_steps": 4, "batch_size": 4},
+                        "pretrain_vq": {"general": True, "image_size": IMAGE_SIZE, "max_steps": 4, "batch_size": 4},
                         "trainer": {"max_steps": 3},
                     },
                     {"class_path": "Draem", "init_args": {"dtd_dir": str(root / "textures")}, "trainer": {"max_steps": 1}},
@@ -68,7 +69,7 @@ def tiny_config(root: Path) -> dict:
     }
 
 
-def test_tiny_benchmark_trains_dsr_and_draem_and_skips_patchcore(tmp_path, monkeypatch, empty_weight_caches, capsys):
+def test_tiny_benchmark_trains_dsr_and_draem_and_skips_patchcore(tmp_path, monkeypatch, empty_weight_caches, capfd):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tmp_path)))
     monkeypatch.chdir(tmp_path)
@@ -87,13 +88,25 @@ def test_tiny_benchmark_trains_dsr_and_draem_and_skips_patchcore(tmp_path, monke
     assert results.loc["Dsr", "model.trainer.max_steps"] == 3  # the budget is recorded with the results
 
     report = (folder / "report.md").read_text()
-    assert report.strip() in capsys.readouterr().out  # the CLI prints the report
+    printed = capfd.readouterr()
+    assert report.strip() in printed.out  # the CLI prints the report
+    # Progress of each job reaches the terminal although anomalib hides the jobs' output.
+    assert "[benchmark] Dsr on gravel: step 3/3" in printed.err and "[benchmark] Draem on gravel: step 1/1" in printed.err
+    assert printed.err.count("[benchmark] Dsr on gravel: step") <= 10
     assert "| gravel |" in report and "Dsr image AUROC" in report and "Draem pixel AP" in report
     assert "**Patchcore** (gravel): skipped" in report
-    assert "scikit-image photographs" in report and "VQ-VAE pretrained" in report
+    assert "scikit-image photographs" in report and "VQ-VAE pretrained on the photographs installed packages ship" in report
     assert "paper" not in report.split("Columns:")[0].split("|---")[0]  # no paper column: gravel is not in MVTec AD
     with Image.open(folder / "chart.png") as chart:
         assert chart.format == "PNG" and chart.width > 400
+    # Learning curves: DSR evaluated at steps 1, 2, 3 of 3; DRAEM at its only step; one chart for both.
+    curves = {model: json.loads(results.loc[model, "learning_curve"]) for model in ("Dsr", "Draem")}
+    assert [row["step"] for row in curves["Dsr"]] == [1, 2, 3] and [row["step"] for row in curves["Draem"]] == [1]
+    assert all(0 <= row["image_AUROC"] <= 1 and 0 <= row["pixel_AP"] <= 1 for rows in curves.values() for row in rows)
+    train_seconds = [row["train_seconds"] for row in curves["Dsr"]]
+    assert train_seconds == sorted(train_seconds) and train_seconds[-1] <= results.loc["Dsr", "fit_duration"]
+    with Image.open(folder / "learning_curves.png") as chart:
+        assert chart.format == "PNG"
     assert (tmp_path / "textures" / TEXTURE_MARKER).is_file()
     assert len(list((tmp_path / "textures").glob("*.png"))) > 20
     assert (tmp_path / "vq.pckl").is_file()

@@ -1,19 +1,19 @@
 """Import of the authors' released weights, faithfulness to their inference, and export back (SPEC §4–§7).
 
-Released-layout files are built from random weights: at the paper's widths straight from the layout file
-``tests/data/original_checkpoint_keys.txt`` (a copy of ``shared/dsr/original_checkpoint_keys.txt``, the
-source of truth), at tiny widths with the shapes of a tiny model's original-layout keys (which
-``test_layout_file_lists_our_modules_keys`` checks against that file).
-The reference inference below is written from the spec with ``torch.nn.functional`` on the original
-key names, and fed the picture as BGR; our model gets it as RGB.
+Released-layout files are built from random weights initialised as the authors' modules are: at the paper's
+widths straight from the layout file ``tests/data/original_checkpoint_keys.txt`` (a copy of
+``shared/dsr/original_checkpoint_keys.txt``, the source of truth), at tiny widths with the shapes of a tiny model's
+original-layout keys (which ``test_layout_file_lists_our_modules_keys`` checks against that file).
+The reference is the authors' inference, written from their code in ``authors_reference.py``; it loads the same
+files and is fed the pictures as BGR, our imported model gets them as RGB.
 """
 
 from __future__ import annotations
 
-import copy
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,16 @@ from anomalib_dsr.original_checkpoint import (
     original_paths,
 )
 from anomalib_dsr.original_format import ALL_FORMATS, VQ_FORMAT, WeightsError, original_state
+from anomalib_dsr.vq_vae import EMACodebook
+from authors_reference import AuthorsDsr
+from deploy_support import (
+    ONNX_KWARGS,
+    RunWithCodes,
+    assert_faithful,
+    onnxruntime_with_codes,
+    openvino_with_codes,
+    score_map_figures,
+)
 
 LAYOUT_FILE = Path(__file__).parent / "data" / "original_checkpoint_keys.txt"
 PAPER_WIDTHS = {
@@ -39,7 +49,7 @@ PAPER_WIDTHS = {
     "unet_width": 64,
 }
 CATEGORY = "bottle"
-CODE_NORM = 0.5  # about the norm of the features the random encoders produce
+SIZE = 256  # the paper's input size
 Tensors = dict[str, torch.Tensor]
 
 
@@ -61,17 +71,22 @@ def read_layout() -> dict[str, dict[str, tuple[int, ...]]]:
 
 
 def random_state(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> Tensors:
-    """Random tensors scaled like a default init (std 1/sqrt(fan-in)), so activations stay in range.
+    """Random tensors as the authors' modules start out: PyTorch's default init of (transposed) convolutions,
+    weights and biases U(±1/sqrt(fan-in)) with fan-in = the weight's size over its dims 1+ (as torch computes
+    it); codebooks and ``_ema_w`` N(0, 1) as their quantiser draws them; EMA cluster sizes 1.
 
-    Codebook entries get one common norm: the nearest entry is then the most similar in direction, and
-    the codes chosen vary over the image instead of all being the entry of smallest norm.
+    Features are small next to such codes, so few codes are used: one or two of 4096 per level on the test pictures.
     """
     state = {}
     for key, shape in shapes.items():
-        fan_in = torch.Size(shape[1:]).numel() if len(shape) > 1 else 100
-        state[key] = torch.randn(shape, generator=generator) / fan_in**0.5
-        if key.endswith("_embedding.weight"):
-            state[key] = F.normalize(state[key], dim=1) * CODE_NORM
+        if key.endswith(("_embedding.weight", "_ema_w")):
+            state[key] = torch.randn(shape, generator=generator)
+        elif key.endswith("_ema_cluster_size"):
+            state[key] = torch.ones(shape)
+        else:
+            weight = shapes[key.removesuffix(".bias") + ".weight"] if key.endswith(".bias") else shape
+            bound = torch.Size(weight[1:]).numel() ** -0.5
+            state[key] = (torch.rand(shape, generator=generator) * 2 - 1) * bound
     return state
 
 
@@ -130,190 +145,68 @@ def assert_same_states(found: dict[str, Tensors], expected: dict[str, Tensors]) 
             assert torch.equal(found[name][key], tensor), (name, key)
 
 
-# ------------------------------------------------------------------------- the reference inference (SPEC)
-def conv(state: Tensors, name: str, x: torch.Tensor, stride: int = 1) -> torch.Tensor:
-    """Conv ``name`` (bias if the file has one); 'same' padding for 1x1/3x3, halving for 4x4/2."""
-    weight = state[f"{name}.weight"]
-    return F.conv2d(x, weight, state.get(f"{name}.bias"), stride=stride, padding=weight.shape[-1] // 2 - (stride == 2))
+# ------------------------------------------------------------------------------------------------ pictures
+def photograph(name: str) -> torch.Tensor:
+    """A photograph scikit-image ships (no download) as RGB ``(1, 3, 256, 256)`` in [0, 1], NCHW-contiguous."""
+    from skimage import data
+
+    image = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).unsqueeze(0).float() / 255
+    return F.interpolate(image, size=(SIZE, SIZE), mode="bilinear", antialias=True).clamp(0, 1).contiguous()
 
 
-def conv_t(state: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
-    """Transposed conv 4x4/2, doubling the size."""
-    return F.conv_transpose2d(x, state[f"{name}.weight"], state[f"{name}.bias"], stride=2, padding=1)
+def paint(background: tuple[float, ...], *areas: tuple[torch.Tensor, tuple[float, ...]]) -> torch.Tensor:
+    """``(1, 3, 256, 256)``: a flat ``background`` colour with flat ``areas`` (boolean masks) painted over it."""
+    image = torch.tensor(background).view(3, 1, 1).repeat(1, SIZE, SIZE)
+    for mask, colour in areas:
+        image[:, mask] = torch.tensor(colour).view(3, 1)
+    return image.unsqueeze(0)
 
 
-def residual_stack(state: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
-    """2 x [ReLU, conv 3x3 (no bias), ReLU, conv 1x1 (no bias)] added to the rectified input, then ReLU.
-
-    SPEC §2 says "added to the input"; the released code's first ReLU is in place, so the skip adds ReLU(x).
-    """
-    for i in range(2):
-        block = f"{name}._layers.{i}._block"
-        x = F.relu(x)
-        x = x + conv(state, f"{block}.3", F.relu(conv(state, f"{block}.1", x)))
-    return F.relu(x)
-
-
-def conv_in_relu(state: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
-    return F.relu(F.instance_norm(conv(state, name, x)))
-
-
-def double_conv(state: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
-    """[conv 3x3, InstanceNorm, ReLU] x2: modules ``name.0`` and ``name.3``."""
-    return conv_in_relu(state, f"{name}.3", conv_in_relu(state, f"{name}.0", x))
-
-
-def up_conv(state: Tensors, name: str, x: torch.Tensor) -> torch.Tensor:
-    """Bilinear x2 (align_corners), then conv ``name.1`` + InstanceNorm + ReLU."""
-    return conv_in_relu(state, f"{name}.1", F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
-
-
-def nearest_codes(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index ``(B, h, w)`` of the nearest codebook row by L2 for every position of ``z`` ``(B, D, h, w)``."""
-    b, d, h, w = z.shape
-    flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-    distances = flat.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * flat @ codebook.t()
-    return distances.argmin(1).view(b, h, w)
-
-
-def lookup(codes: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    return codebook[codes].permute(0, 3, 1, 2)
-
-
-def restriction(state: Tensors, q: torch.Tensor) -> torch.Tensor:
-    """Subspace restriction (SPEC §2): encoder 3 levels with 2 max-pools, decoder without skips, linear end."""
-    x = double_conv(state, "unet.encoder.block1", q)
-    x = double_conv(state, "unet.encoder.block2", F.max_pool2d(x, 2))
-    x = double_conv(state, "unet.encoder.block3", F.max_pool2d(x, 2))
-    x = double_conv(state, "unet.decoder.db2", up_conv(state, "unet.decoder.up2", x))
-    x = double_conv(state, "unet.decoder.db3", up_conv(state, "unet.decoder.up3", x))
-    return conv(state, "unet.decoder.fin_out.0", x)
-
-
-def unet(state: Tensors, x: torch.Tensor) -> torch.Tensor:
-    """Anomaly detection / upsampling U-Net (SPEC §2): 4 levels, skips concatenated after each upsampling."""
-    b1 = double_conv(state, "unet.encoder.block1", x)
-    b2 = double_conv(state, "unet.encoder.block2", F.max_pool2d(b1, 2))
-    b3 = double_conv(state, "unet.encoder.block3", F.max_pool2d(b2, 2))
-    x = double_conv(state, "unet.encoder.block4", F.max_pool2d(b3, 2))
-    for level, skip in ((1, b3), (2, b2), (3, b1)):
-        x = torch.cat((up_conv(state, f"unet.decoder.up{level}", x), skip), 1)
-        x = double_conv(state, f"unet.decoder.db{level}", x)
-    return conv(state, "unet.decoder.fin_out.0", x)
-
-
-def image_decoder_tail(state: Tensors, prefix: str, x: torch.Tensor) -> torch.Tensor:
-    """Conv 3x3, residual stack, transposed conv, ReLU, transposed conv; no output activation (D_gen, SPEC §2)."""
-    x = residual_stack(state, f"{prefix}_residual_stack", conv(state, f"{prefix}_conv_1", x))
-    return conv_t(state, f"{prefix}_conv_trans_2", F.relu(conv_t(state, f"{prefix}_conv_trans_1", x)))
-
-
-def reference_codes(files: dict[str, Tensors], bgr: torch.Tensor) -> dict[str, torch.Tensor]:
-    """SPEC §1 rows 1–5 and 7: both levels' codes before and after subspace restriction, for BGR input."""
-    vq = files[VQ_FORMAT.file_name]
-    codebook_lo, codebook_hi = vq["_vq_vae_top._embedding.weight"], vq["_vq_vae_bot._embedding.weight"]
-    x = F.relu(conv(vq, "_encoder_b._conv_1", bgr, stride=2))
-    x = F.relu(conv(vq, "_encoder_b._conv_2", x, stride=2))
-    enc_hi = residual_stack(vq, "_encoder_b._residual_stack", conv(vq, "_encoder_b._conv_3", x))
-    x = conv(vq, "_encoder_t._conv_2", F.relu(conv(vq, "_encoder_t._conv_1", enc_hi, stride=2)))
-    z_lo = conv(vq, "_pre_vq_conv_top", residual_stack(vq, "_encoder_t._residual_stack", x))
-    codes_lo = nearest_codes(z_lo, codebook_lo)
-    q_lo = lookup(codes_lo, codebook_lo)
-    # The spec does not give the order of this concatenation; the released code puts encoder_hi first.
-    z_hi = conv(vq, "_pre_vq_conv_bot", torch.cat((enc_hi, conv_t(vq, "upsample_t", q_lo)), 1))
-    codes_hi = nearest_codes(z_hi, codebook_hi)
-    q_hi = lookup(codes_hi, codebook_hi)
-    restricted_lo = restriction(files["DSR_subspace_restriction_lo_{category}.pckl"], q_lo)
-    restricted_hi = restriction(files["DSR_subspace_restriction_hi_{category}.pckl"], q_hi)
-    restricted_codes_lo = nearest_codes(restricted_lo, codebook_lo)
-    restricted_codes_hi = nearest_codes(restricted_hi, codebook_hi)
+def flat_pictures() -> dict[str, torch.Tensor]:
+    """A grey picture with a small red patch, and one of a few flat regions (sky, ground, sun, wall)."""
+    y, x = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    patch = (y >= 150) & (y < 182) & (x >= 90) & (x < 122)
+    sun = (x - 190) ** 2 + (y - 60) ** 2 < 28**2
+    wall = (y >= 110) & (y < 200) & (x >= 40) & (x < 120)
     return {
-        "codes_lo": codes_lo,
-        "codes_hi": codes_hi,
-        "restricted_codes_lo": restricted_codes_lo,
-        "restricted_codes_hi": restricted_codes_hi,
-        "z_lo": z_lo,
-        "z_hi": z_hi,
-        "restricted_lo": restricted_lo,
-        "restricted_hi": restricted_hi,
-        "codebook_lo": codebook_lo,
-        "codebook_hi": codebook_hi,
-        "q_lo": q_lo,
-        "q_hi": q_hi,
-        "restricted_q_lo": lookup(restricted_codes_lo, codebook_lo),
-        "restricted_q_hi": lookup(restricted_codes_hi, codebook_hi),
+        "flat_patch": paint((0.45, 0.5, 0.55), (patch, (0.8, 0.2, 0.1))),
+        "flat_regions": paint(
+            (0.25, 0.45, 0.8), (y >= 170, (0.3, 0.5, 0.15)), (sun, (0.95, 0.85, 0.3)), (wall, (0.6, 0.3, 0.25))
+        ),
     }
 
 
-def reference_forward(files: dict[str, Tensors], bgr: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The authors' inference as SPEC §1 and §5 state it, for BGR input in [0, 1]."""
-    vq = files[VQ_FORMAT.file_name]
-    out = reference_codes(files, bgr)
-    joined = torch.cat((conv_t(vq, "upsample_t", out["q_lo"]), out["q_hi"]), 1)
-    image_gen = image_decoder_tail(vq, "_decoder_b.", joined)
-
-    spc = files["DSR_image_recon_module_{category}.pckl"]
-    x = torch.cat((conv_t(vq, "upsample_t", out["restricted_q_lo"]), out["restricted_q_hi"]), 1)
-    x = F.max_pool2d(double_conv(spc, "block1", x), 2)
-    x = F.max_pool2d(double_conv(spc, "block2", x), 2)
-    x = F.relu(conv_t(spc, "upblock1", conv(spc, "pre_vq_conv", x)))
-    image_spc = image_decoder_tail(spc, "", F.relu(conv_t(spc, "upblock2", x)))
-
-    detection = files["DSR_anomaly_det_module_{category}.pckl"]
-    upsampling = files["DSR_upsample_module_{category}.pckl"]
-    probs_lo = unet(detection, torch.cat((image_spc, image_gen), 1)).softmax(1)
-    probs = unet(upsampling, torch.cat((image_spc, image_gen, probs_lo), 1)).softmax(1)
-    averaged = F.avg_pool2d(probs_lo[:, 1:], 21, stride=1, padding=10, count_include_pad=True)
-    return {**out, "pred_score": averaged.amax(dim=(1, 2, 3)), "anomaly_map": probs[:, 1]}
+@pytest.fixture(scope="module")
+def pictures() -> dict[str, torch.Tensor]:
+    """Three photographs and two pictures with large flat areas, RGB ``(1, 3, 256, 256)``."""
+    return {**{name: photograph(name) for name in ("astronaut", "coffee", "chelsea")}, **flat_pictures()}
 
 
-def our_codes(model: DsrModel, rgb: torch.Tensor) -> dict[str, torch.Tensor]:
+# ---------------------------------------------------------------------------------------------- codes
+@torch.no_grad()
+def quantised_features(model: DsrModel, rgb: torch.Tensor) -> dict[str, tuple[torch.Tensor, EMACodebook]]:
+    """Stage name → (features ``(B, D, h, w)``, codebook) of the four quantisations of ``model(rgb)``."""
     vq = model.vq
     encoded = vq.encode(model.to_vq_input(rgb))
     return {
-        "codes_lo": vq.codebook_lo.nearest(encoded.z_lo),
-        "codes_hi": vq.codebook_hi.nearest(encoded.z_hi),
-        "restricted_codes_lo": vq.codebook_lo.nearest(model.restriction_lo(encoded.q_lo)),
-        "restricted_codes_hi": vq.codebook_hi.nearest(model.restriction_hi(encoded.q_hi)),
+        "codes_lo": (encoded.z_lo, vq.codebook_lo),
+        "codes_hi": (encoded.z_hi, vq.codebook_hi),
+        "restricted_codes_lo": (model.restriction_lo(encoded.q_lo), vq.codebook_lo),
+        "restricted_codes_hi": (model.restriction_hi(encoded.q_hi), vq.codebook_hi),
     }
 
 
-# Which features and codebook each set of codes was chosen with.
-CODE_SOURCES = {
-    "codes_lo": ("z_lo", "codebook_lo"),
-    "codes_hi": ("z_hi", "codebook_hi"),
-    "restricted_codes_lo": ("restricted_lo", "codebook_lo"),
-    "restricted_codes_hi": ("restricted_hi", "codebook_hi"),
-}
-
-
-def assert_same_codes(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
-    """The same codes everywhere, except at exact ties.
-
-    Deep networks with random weights put the odd feature (about 1 in 4000 at tiny widths) as near to
-    two codes as float32 can resolve; there either choice is right. Such a position passes if, measured
-    on the reference's features, our code is as near as the reference's to 1e-4 relative.
-    """
-    for name, codes in ours.items():
-        assert codes.unique().numel() > 1, f"{name}: one code everywhere, the comparison would prove little"
-        differ = codes != reference[name]
-        if not differ.any():
-            continue
-        features, codebook = (reference[key] for key in CODE_SOURCES[name])
-        flat = features.permute(0, 2, 3, 1)[differ]
-        ours_distance = (flat - codebook[codes[differ]]).pow(2).sum(1)
-        reference_distance = (flat - codebook[reference[name][differ]]).pow(2).sum(1)
-        assert differ.float().mean() < 1e-3, f"{name}: {int(differ.sum())} of {codes.numel()} codes differ"
-        torch.testing.assert_close(ours_distance, reference_distance, rtol=1e-4, atol=0, msg=name)
-
-
-def sample_picture(size: int) -> torch.Tensor:
-    """An RGB picture in [0, 1] with structure at every scale: smooth colour ramps plus noise."""
-    generator = torch.Generator().manual_seed(1)
-    ramp = torch.linspace(0, 1, size)
-    x, y = ramp.view(1, -1).expand(size, size), ramp.view(-1, 1).expand(size, size)
-    rgb = torch.stack((x, y, x.flip(1)))
-    return (0.7 * rgb + 0.3 * torch.rand(3, size, size, generator=generator)).unsqueeze(0)
+def flip_distances(features: torch.Tensor, codebook: EMACodebook, positions: torch.Tensor) -> torch.Tensor:
+    """How far the features at ``positions`` (flat indices over ``B x h x w``) lie from the border of their
+    code's cell, relative to their norm: the smallest relative change that makes another code the nearest."""
+    flat = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])[positions].double()
+    codes = codebook.embedding.weight.double()
+    distances = torch.cdist(flat, codes).square()
+    nearest = distances.argmin(1)
+    gaps = distances - distances.gather(1, nearest[:, None])
+    separations = (codes[None] - codes[nearest][:, None]).norm(dim=2)
+    to_border = (gaps / (2 * separations)).scatter(1, nearest[:, None], float("inf")).amin(1)
+    return to_border / flat.norm(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------- tests
@@ -324,6 +217,17 @@ def test_layout_file_lists_our_modules_keys() -> None:
     assert set(layout) == {f.file_name for f in ALL_FORMATS}
     for f in ALL_FORMATS:
         assert set(original_state(getattr(model, f.attribute), f)) == set(layout[f.file_name])
+
+
+def test_authors_reference_has_the_released_layout() -> None:
+    """The reference's modules have exactly the released files' keys and shapes (so they load them strictly)."""
+    with torch.device("meta"):
+        authors = AuthorsDsr(**PAPER_WIDTHS)
+    layout = read_layout()
+    assert set(AuthorsDsr.FILES) == set(layout)
+    for file_name, attribute in AuthorsDsr.FILES.items():
+        found = {key: tuple(value.shape) for key, value in getattr(authors, attribute).state_dict().items()}
+        assert found == layout[file_name], file_name
 
 
 def test_import_paper_layout_every_tensor_lands(paper_files: Path, paper_ckpt: Path) -> None:
@@ -361,42 +265,53 @@ def test_export_refuses_to_mix_vq_models(tiny_ckpt: Path, tmp_path: Path) -> Non
         export_original(tiny_ckpt, tmp_path, CATEGORY)
 
 
-def assert_same_outputs(model: DsrModel, files: dict[str, Tensors], size: int) -> None:
-    """Same pred_score and anomaly_map to 1e-4, computed in float64.
+@torch.no_grad()
+def test_tiny_model_matches_authors_inference(tiny_files: Path, tiny_widths: dict[str, int], pictures) -> None:
+    """Tiny widths in float64, where rounding cannot hide a difference: RGB to the imported model, BGR to the
+    authors' modules, the same pred_score and anomaly_map to 1e-9 (found: ~1e-11)."""
+    model = load_original(tiny_files, CATEGORY).model.eval().double()
+    authors = AuthorsDsr(**tiny_widths).load_files(read_states(tiny_files)).double()
+    for name in ("astronaut", "flat_patch"):
+        rgb = pictures[name].double()
+        ours, reference = model(rgb), authors(rgb.flip(1))
+        assert ours.anomaly_map.shape == (1, SIZE, SIZE)
+        torch.testing.assert_close(ours.pred_score, reference["pred_score"], atol=1e-9, rtol=0, msg=name)
+        torch.testing.assert_close(ours.anomaly_map, reference["anomaly_map"], atol=1e-9, rtol=0, msg=name)
+        assert reference["anomaly_map"].std() > 1e-2, "a flat map would prove little"
 
-    Deep U-Nets with InstanceNorm and *random* weights amplify float32 rounding about a thousandfold (each
-    side differs from its own float64 result by ~3e-4), so float32 could not tell an error from noise;
-    in float64 the two agree to ~1e-12. The codes are compared in float32, the dtype of inference.
+
+@pytest.fixture(scope="module")
+def imported(paper_ckpt: Path) -> Dsr:
+    """The paper-width checkpoint written by ``anomalib-dsr import-original``, in eval mode."""
+    return Dsr.load_from_checkpoint(paper_ckpt).eval()
+
+
+@pytest.fixture(scope="module")
+def authors_outputs(paper_files: Path, pictures: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The authors' inference at the paper's widths on each picture, given as BGR, batch 1 as in their test_dsr.py."""
+    authors = AuthorsDsr(**PAPER_WIDTHS).load_files(read_states(paper_files))
+    return {name: authors(rgb.flip(1)) for name, rgb in pictures.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@torch.no_grad()
+def test_imported_paper_model_matches_authors_inference(
+    imported: Dsr, pictures: dict[str, torch.Tensor], authors_outputs: dict[str, dict[str, torch.Tensor]], layout
+) -> None:
+    """Paper widths, 256x256, float32: pred_score within 1e-4, at most 0.1 % of map pixels off by more than 1e-3.
+
+    ``channels_last`` is the layout of a picture made from an HWC array (``torch.from_numpy(hwc).permute(2, 0, 1)``);
+    convolutions keep it. Before the fix of issue #11 every InstanceNorm then ran group_norm's channels_last kernel,
+    which put the map off by up to 0.56 on 99 % of the pixels. On one core: 5 s per picture for the reference (once),
+    4 s per picture and layout for ours.
     """
-    model = copy.deepcopy(model).double()
-    rgb = sample_picture(size).double()
-    files = {name: {key: value.double() for key, value in state.items()} for name, state in files.items()}
-    reference = reference_forward(files, rgb.flip(1))
-    ours = model(rgb)
-    assert ours.pred_score.shape == (1,) and ours.anomaly_map.shape == (1, size, size)
-    torch.testing.assert_close(ours.pred_score, reference["pred_score"], atol=1e-4, rtol=0)
-    torch.testing.assert_close(ours.anomaly_map, reference["anomaly_map"], atol=1e-4, rtol=0)
-    assert reference["anomaly_map"].std() > 1e-2, "a flat map would prove little"
-
-
-@torch.no_grad()
-def test_tiny_model_matches_reference_inference(tiny_files: Path) -> None:
-    """RGB to our model, BGR to the reference: the same codes, pred_score and anomaly_map at 256x256."""
-    model = load_original(tiny_files, CATEGORY).model.eval()
-    files = read_states(tiny_files)
-    rgb = sample_picture(256)
-    assert_same_codes(our_codes(model, rgb), reference_codes(files, rgb.flip(1)))
-    assert_same_outputs(model, files, 256)
-
-
-@torch.no_grad()
-def test_paper_model_matches_reference_inference(paper_files: Path) -> None:
-    """Paper widths: the same codes at 256x256; the same outputs at 64x64 (256x256 would take a minute)."""
-    model = load_original(paper_files, CATEGORY).model.eval()
-    files = read_states(paper_files)
-    rgb = sample_picture(256)
-    assert_same_codes(our_codes(model, rgb), reference_codes(files, rgb.flip(1)))
-    assert_same_outputs(model, files, 64)
+    for name, rgb in pictures.items():
+        reference = authors_outputs[name]
+        assert reference["anomaly_map"].std() > 1e-2, "a flat map would prove little"
+        ours = imported.model(rgb.contiguous(memory_format=layout))
+        assert ours.anomaly_map.shape == (1, SIZE, SIZE)
+        assert_faithful(score_map_figures(reference, ours._asdict()), name)
 
 
 # ------------------------------------------------------------------------ the imported checkpoint in anomalib
@@ -435,6 +350,63 @@ def test_import_can_calibrate_on_a_datamodule(tiny_files: Path, make_datamodule,
     for key in ("post_processor._image_threshold", "post_processor.image_min", "post_processor.pixel_max"):
         assert plain["state_dict"][key].isnan()
         assert not calibrated["state_dict"][key].isnan()
+
+
+TIE = 2e-5  # the largest error of torch's own float32 restricted features against float64, relative to their norm
+
+
+def assert_same_codes_or_a_tie(model: DsrModel, rgb: torch.Tensor, runtime_codes: list[np.ndarray], label: str) -> bool:
+    """Whether a runtime picked torch's codes in all four quantisations; if not, that the first quantisation
+    where it did not (in the order lo, hi, restricted lo, restricted hi) differs only at ties, where a feature
+    lies within ``TIE`` of its norm from the border of its code's cell. Later ones may differ because of it.
+    """
+    features = quantised_features(model, rgb)
+    ours = {stage: codebook.nearest(z).flatten() for stage, (z, codebook) in features.items()}
+    # Each runtime output is the stage whose codes it is nearest to (graph order is the runtime's own).
+    found = {}
+    for codes in runtime_codes:
+        codes = torch.from_numpy(codes.astype(np.int64)).flatten()
+        stage = min((s for s in ours if ours[s].numel() == codes.numel()), key=lambda s: int((ours[s] != codes).sum()))
+        found[stage] = codes
+    assert found.keys() == ours.keys(), (label, sorted(found))
+    for stage, codes in ours.items():
+        differ = (found[stage] != codes).nonzero().squeeze(1)
+        if differ.numel():
+            distances = flip_distances(*features[stage], differ)
+            assert distances.max() < TIE, (label, stage, distances.tolist())
+            return False
+    return True
+
+
+@pytest.mark.slow
+def test_exported_paper_model_matches_torch(imported: Dsr, pictures: dict[str, torch.Tensor], tmp_path: Path) -> None:
+    """OpenVINO (f32 precision) and ONNX Runtime run the exported imported model like PyTorch: score within 1e-4,
+    at most 0.1 % of map pixels off by more than 1e-3; batch 1 per picture as in the authors' test_dsr.py.
+
+    With these random weights some features lie as near two codes as float32 resolves (1e-6 of their norm);
+    there a runtime whose convolutions round differently may take the other code, and the U-Nets turn one code
+    into another map (OpenVINO 2026.4: one of chelsea's 1024 lo codes, or of coffee's 4096 restricted hi codes,
+    moved 90–99 % of the map by up to 0.5). Such a picture must show that its first different code is a tie; every
+    other one must match, and most must. About 2.5 minutes on one core: two exports of 25–40 s, then 15 s a picture.
+    """
+    from anomalib.engine import Engine
+
+    engine = Engine(default_root_dir=tmp_path, accelerator="cpu", logger=False)
+    export = {"export_root": tmp_path, "onnx_kwargs": dict(ONNX_KWARGS)}
+    runtimes: dict[str, RunWithCodes] = {
+        "openvino": openvino_with_codes(Path(engine.export(imported, "openvino", **export))),
+        "onnxruntime": onnxruntime_with_codes(Path(engine.export(imported, "onnx", **export))),
+    }
+    compared = 0
+    for name, rgb in pictures.items():
+        with torch.no_grad():
+            expected = imported(rgb)._asdict()
+        for runtime, run in runtimes.items():
+            outputs, codes = run(rgb)
+            if assert_same_codes_or_a_tie(imported.model, rgb, codes, f"{runtime} {name}"):
+                assert_faithful(score_map_figures(expected, outputs), f"{runtime} {name}")
+                compared += 1
+    assert compared > len(runtimes) * len(pictures) // 2, f"only {compared} runs compared"
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -500,10 +472,3 @@ def test_command_line_reports_errors_without_traceback(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as error:
         dsr_cli(["export-original", "--ckpt", str(tmp_path / "bad.ckpt"), "--output", str(tmp_path), "--category", "x"])
     assert "is not a loadable Lightning checkpoint" in str(error.value)
-
-
-@pytest.mark.slow
-@torch.no_grad()
-def test_paper_model_outputs_at_paper_size(paper_files: Path) -> None:
-    """The full check at the paper's configuration: widths and 256x256 input (about a minute on 2 cores)."""
-    assert_same_outputs(load_original(paper_files, CATEGORY).model.eval(), read_states(paper_files), 256)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,27 @@ def test_pretrain_command_line(demo_root: Path, tmp_path: Path, tiny_widths: dic
     )
     assert output.is_file()
     Dsr(vq_weights=output, **tiny_widths).load_vq_weights()
+
+
+def test_general_pretraining_from_the_command_line_logs_codebook_usage(
+    tmp_path: Path, tiny_widths: dict[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """`pretrain-vq --general` trains on the photographs packages ship and logs how many codes are used."""
+    output = tmp_path / "general" / "vq.pckl"
+    widths = [arg for name, value in VQ_WIDTHS.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
+    with caplog.at_level("INFO", logger="anomalib_dsr.pretraining"):
+        dsr_cli(["pretrain-vq", "--general", "--output", str(output), "--image-size", "64", "--max-steps", "3",
+                 "--batch-size", "4", "--num-workers", "0", "--accelerator", "cpu", *widths])  # fmt: skip
+    usage = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Codebook usage"))
+    k = VQ_WIDTHS["num_embeddings"]
+    lo, hi = (int(n) for n in re.findall(rf"(\d+)/{k} codes", usage))
+    assert 1 <= lo <= k and 1 <= hi <= k
+    Dsr(vq_weights=output, **tiny_widths).load_vq_weights()
+
+
+def test_image_source_must_be_folders_or_general(demo_root: Path, tmp_path: Path) -> None:
+    for images, general in (([train_folder(demo_root)], True), (None, False)):
+        with pytest.raises(ValueError, match="either image folders"):
+            pretrain_vq(images, tmp_path / "vq.pckl", general=general, max_steps=1)
+    with pytest.raises(SystemExit, match="either --images"):
+        dsr_cli(["pretrain-vq", "--output", str(tmp_path / "vq.pckl")])

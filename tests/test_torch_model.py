@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from anomalib.data import InferenceBatch
 
 from anomalib_dsr.loss import DsrLoss
-from anomalib_dsr.torch_model import DsrModel, RestrictionTrainingOutput
+from anomalib_dsr.torch_model import DsrModel, RestrictionTrainingOutput, score_window_for
 
 SIZE = 64
 
@@ -54,6 +54,7 @@ def test_forward_returns_scores_and_maps_in_unit_interval(model: DsrModel) -> No
 
 def test_pred_score_is_max_of_21x21_average_of_lo_map(model: DsrModel) -> None:
     """Image score: anomaly channel of softmax(M_lo), 21x21 mean with zero padding counted, then max."""
+    model.score_window = 21  # the paper's fixed window, at any size
     model.eval()
     images = torch.rand(3, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -69,6 +70,20 @@ def test_pred_score_is_max_of_21x21_average_of_lo_map(model: DsrModel) -> None:
     assert not torch.allclose(out.pred_score, probs_lo[:, 1].flatten(1).amax(1))
     # The pixel map is the upsampling module's anomaly probability.
     torch.testing.assert_close(out.anomaly_map, probs[:, 1])
+
+
+def test_score_window_scales_with_the_image_side(model: DsrModel) -> None:
+    """21x21 at 256 (paper), odd and proportional elsewhere: one hot pixel in the middle scores 1/window²."""
+    assert score_window_for(256, 256) == (21, 21)
+    assert score_window_for(128, 128) == (11, 11)
+    assert score_window_for(64, 512) == (5, 41)
+    for height, width in ((64, 64), (128, 128), (256, 256), (64, 128)):
+        probs_lo = torch.zeros(1, 2, height, width)
+        probs_lo[0, 1, height // 2, width // 2] = 1.0
+        kh, kw = score_window_for(height, width)
+        torch.testing.assert_close(model.image_score(probs_lo), torch.tensor([1 / (kh * kw)]))
+    model.score_window = 21
+    torch.testing.assert_close(model.image_score(probs_lo), torch.tensor([1 / 441]))
 
 
 def test_forward_restriction_training_shapes(model: DsrModel, tiny_widths: dict[str, int]) -> None:
