@@ -320,8 +320,8 @@ class Dsr(AnomalibModule):
     @torch.no_grad()
     def curve_predictions(self, images: torch.Tensor) -> InferenceBatch:
         """What a learning curve (:mod:`anomalib_dsr.learning_curve`) scores: the model's outputs, except that
-        before phase 3 the anomaly map is P_lo's anomaly channel ``(B, H, W)``, the upsampling module being untrained."""
-        if self.phase == 3:
+        until the upsampling module has trained a step the anomaly map is P_lo's anomaly channel ``(B, H, W)``."""
+        if self.phase2_steps is None or self.global_step > self.phase2_steps:
             return self.model(images)
         _, _, probs_lo = self.model.detect(images)
         return InferenceBatch(pred_score=self.model.image_score(probs_lo), anomaly_map=probs_lo[:, 1])
