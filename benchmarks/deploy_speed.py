@@ -66,8 +66,7 @@ def train(output: Path, quick: bool) -> tuple[object, object]:
         vq = pretrain_vq(None, output / "vq.pckl", image_size=64, max_steps=60, batch_size=16, seed=settings.seed,
                          resume=False, trainer_kwargs=dict(quiet), general=True, **settings.vq_widths)  # fmt: skip
     # --quick: the model works at 64x64 (the 256x256 input is resized inside the graph); only checks the script
-    model = Dsr(image_size=64 if quick else SIZE, vq_weights=vq, decoder_bottleneck=settings.decoder_bottleneck,
-                unet_width=settings.unet_width, **settings.vq_widths)  # fmt: skip
+    model = Dsr(vq_weights=vq, **{**settings.dsr_kwargs, "image_size": 64 if quick else SIZE})
     datamodule = demo_datamodule(output / "data", settings.batch_size)
     engine = Engine(max_steps=settings.dsr_steps, default_root_dir=output / "results", logger=False,
                     check_val_every_n_epoch=None, val_check_interval=settings.dsr_steps, **quiet)  # fmt: skip
