@@ -447,7 +447,8 @@ def markdown_report(result: pd.DataFrame, notes: list[str]) -> str:
         models = list(dict.fromkeys(rows["model"]))
         categories = sorted(rows["category"].unique())
         paper = dataset.rpartition(".")[2] == "MVTecAD" and "Dsr" in models and bool(set(categories) & set(PAPER_IMAGE_AUROC))
-        header = [f"{model} {heading}" for model in models for heading, _, _ in REPORT_METRICS]
+        metrics = measured_metrics(rows)  # e.g. no pixel metrics on a dataset without masks
+        header = [f"{model} {heading}" for model in models for heading, _, _ in metrics]
         if paper:
             header += ["Dsr image AUROC, paper", "difference"]
         lines += [f"## {dataset.rpartition('.')[2]}", "", "| category | " + " | ".join(header) + " |"]
@@ -457,7 +458,7 @@ def markdown_report(result: pd.DataFrame, notes: list[str]) -> str:
             cells = []
             for model in models:
                 match = rows[(rows["model"] == model) & (rows["category"] == category)]
-                cells += [float(match[column].mean()) * scale if len(match) else math.nan for _, column, scale in REPORT_METRICS]
+                cells += [float(match[column].mean()) * scale if len(match) else math.nan for _, column, scale in metrics]
             if paper:
                 ours = cells[header.index("Dsr image AUROC")]
                 cells += [PAPER_IMAGE_AUROC.get(category, math.nan), ours - PAPER_IMAGE_AUROC.get(category, math.nan)]
@@ -480,6 +481,11 @@ def markdown_report(result: pd.DataFrame, notes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def measured_metrics(rows: pd.DataFrame) -> list[tuple[str, str, float]]:
+    """The entries of ``REPORT_METRICS`` that at least one of ``rows`` has a value for."""
+    return [metric for metric in REPORT_METRICS if metric[1] in rows and rows[metric[1]].notna().any()]
+
+
 def _cell(value: float) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
@@ -494,7 +500,7 @@ def save_chart(result: pd.DataFrame, path: Path) -> None:
     ok = with_category(result).query("status == 'ok'")
     figure, axes = plt.subplots(1, 2, figsize=(12, 4))
     for axis, (heading, column, scale) in zip(axes, REPORT_METRICS[:2], strict=False):
-        if not ok.empty:
+        if not ok.empty and column in ok and ok[column].notna().any():
             table = ok.pivot_table(index="category", columns="model", values=column) * scale
             table.plot.bar(ax=axis, rot=0)
         axis.set_title(heading + " (%)")

@@ -20,6 +20,7 @@ from anomalib_dsr.benchmark import (
     markdown_report,
     missing_backbone_reason,
     run_benchmark,
+    save_chart,
 )
 from anomalib_dsr.cli import main
 from conftest import IMAGE_SIZE, TINY_WIDTHS
@@ -174,3 +175,17 @@ def test_report_has_paper_column_and_mean_for_mvtec():
     assert lines["cable"].endswith("| 90.0 | 50.0 | 90.0 | 10.0 | 2.0 | 93.8 | -3.8 |")
     assert lines["mean"].endswith("| 94.5 | 50.0 | 90.0 | 10.0 | 2.0 | 96.9 | -2.4 |")
     assert "- a note" in report
+
+
+def test_report_and_chart_leave_out_metrics_a_dataset_without_masks_lacks(tmp_path):
+    """Folder datasets without masks (ELPV) have no pixel metrics: the report shows the others, the chart still draws."""
+    rows = [
+        {"model": model, "status": "ok", "data.class_path": "Folder", "data.init_args.name": "elpv_mono",
+         "image_AUROC": auroc, "fit_duration": 10.0, "images_per_second": 2.0, "learning_curve": "[]"}
+        for model, auroc in (("Dsr", 0.77), ("Draem", 0.67))
+    ]  # fmt: skip
+    report = markdown_report(pd.DataFrame(rows), notes=[])
+    assert "pixel" not in report.split("Columns:")[0]
+    assert "| elpv_mono | 77.0 | 10.0 | 2.0 | 67.0 | 10.0 | 2.0 |" in report
+    save_chart(pd.DataFrame(rows), tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 0
