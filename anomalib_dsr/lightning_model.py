@@ -79,9 +79,10 @@ class Dsr(AnomalibModule):
             with the image side, 21 at 256 and 11 at 128 (a deviation for sizes other than 256).
         channels, res_hidden, num_embeddings, embedding_dim, decoder_bottleneck, unet_width: widths
             (paper: 128, 64, 4096, 128, 64, 64); the VQ file must match the first four.
-        channels_last: weights and input in the ``channels_last`` memory layout (outputs match the default
-            layout to float32 rounding). Off by default: slower in fp32 on CPUs without native bf16; on GPUs it
-            is the layout tensor cores use, not measured here (see README, "Speed").
+        channels_last: weights and input in the ``channels_last`` memory layout, in training too (outputs
+            match the default layout to float32 rounding). Off by default: training is slower in fp32 on CPUs
+            without native bf16; on GPUs it is the layout tensor cores use, not measured here (README, "Speed").
+            Inference runs the decoders and U-Nets in channels_last either way.
 
     Mixed precision: ``Engine(precision="bf16-mixed")`` (or ``Trainer``) trains under bf16 autocast; the VQ
     distances and code choices stay in fp32, so codes match an fp32 run.

@@ -85,9 +85,9 @@ class DsrModel(nn.Module):
         latent_anomaly_strength: lower bound of λ (paper: 0.2).
         score_window: side of the averaging window for the image score (paper: 21 at 256x256); ``None``
             scales it with the input size (:func:`score_window_for`).
-        channels_last: weights and input in the ``channels_last`` memory layout (the layout tensor cores and
-            oneDNN's bf16 kernels work in); InstanceNorm normalises an NCHW copy, so outputs match the default
-            layout to float32 rounding. Slower on this project's CPU (README "Speed").
+        channels_last: weights and input in the ``channels_last`` memory layout, in training too (the layout
+            tensor cores and oneDNN's bf16 kernels work in); slower on this project's CPU (README "Speed").
+            Without it, only the decoders and U-Nets run in channels_last, in eval mode (:meth:`after_codes`).
     """
 
     def __init__(
@@ -124,6 +124,16 @@ class DsrModel(nn.Module):
         self.vq.eval()
         return self
 
+    def after_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The input ``(B, C, h, w)`` of a module after the last code choice (D_gen, D_spc, the U-Nets: 80 % of
+        inference time), in channels_last when not training; convolutions take their input's layout.
+
+        On CPU oneDNN's channels_last convolutions are faster forward, but slower backward, so training keeps
+        NCHW unless ``channels_last``. The quantising modules always get :meth:`vq_input`'s layout: a different
+        summation order could flip a code that sits within float32 rounding of a tie.
+        """
+        return x if self.training else x.contiguous(memory_format=torch.channels_last)
+
     @staticmethod
     def to_vq_input(images: torch.Tensor) -> torch.Tensor:
         """RGB ``(B, 3, H, W)`` → BGR, the channel order of the released VQ-VAE (SPEC §4)."""
@@ -134,29 +144,31 @@ class DsrModel(nn.Module):
         return images.flip(1)
 
     def vq_input(self, images: torch.Tensor) -> torch.Tensor:
-        """:meth:`to_vq_input` in this model's memory layout."""
-        images = self.to_vq_input(images)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        """:meth:`to_vq_input` in the layout of this model's quantising modules, whatever the input's layout
+        (convolutions follow their input's)."""
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        return self.to_vq_input(images).contiguous(memory_format=layout)
 
     def restore(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Subspace restriction and D_spc: returns F̃_lo, F̃_hi and I_spc ``(B, 3, H, W)``."""
         restricted_lo = self.restriction_lo(q_lo)
         restricted_hi = self.restriction_hi(q_hi)
         joined = self.vq.join(self.vq.codebook_lo.quantize(restricted_lo), self.vq.codebook_hi.quantize(restricted_hi))
-        return restricted_lo, restricted_hi, self.object_decoder(joined)
+        return restricted_lo, restricted_hi, self.object_decoder(self.after_codes(joined))
 
     def detect(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 1–5 on RGB images: returns I_spc, I_gen and P_lo = softmax(M_lo) ``(B, 2, H, W)``."""
         encoded = self.vq.encode(self.vq_input(images))
-        image_gen = self.vq.decoder(torch.cat((encoded.up_lo, encoded.q_hi), dim=1))  # = D_gen(join(Q_lo, Q_hi))
+        joined = self.after_codes(torch.cat((encoded.up_lo, encoded.q_hi), dim=1))
+        image_gen = self.vq.decoder(joined)  # = D_gen(join(Q_lo, Q_hi))
         _, _, image_spc = self.restore(encoded.q_lo, encoded.q_hi)
-        probs_lo = self.anomaly_detection(torch.cat((image_spc, image_gen), dim=1)).softmax(dim=1)
+        probs_lo = self.anomaly_detection(self.after_codes(torch.cat((image_spc, image_gen), dim=1))).softmax(dim=1)
         return image_spc, image_gen, probs_lo
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """RGB ``(B, 3, H, W)`` in [0, 1] → ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, H, W)``."""
         image_spc, image_gen, probs_lo = self.detect(images)
-        probs = self.upsampling(torch.cat((image_spc, image_gen, probs_lo), dim=1)).softmax(dim=1)
+        probs = self.upsampling(self.after_codes(torch.cat((image_spc, image_gen, probs_lo), dim=1))).softmax(dim=1)
         return InferenceBatch(pred_score=self.image_score(probs_lo), anomaly_map=probs[:, 1])
 
     def image_score(self, probs_lo: torch.Tensor) -> torch.Tensor:
