@@ -498,9 +498,10 @@ def save_chart(result: pd.DataFrame, path: Path) -> None:
     from matplotlib import pyplot as plt
 
     ok = with_category(result).query("status == 'ok'")
+    measured = measured_metrics(ok)
     figure, axes = plt.subplots(1, 2, figsize=(12, 4))
     for axis, (heading, column, scale) in zip(axes, REPORT_METRICS[:2], strict=False):
-        if not ok.empty and column in ok and ok[column].notna().any():
+        if (heading, column, scale) in measured:
             table = ok.pivot_table(index="category", columns="model", values=column) * scale
             table.plot.bar(ax=axis, rot=0)
         axis.set_title(heading + " (%)")
