@@ -4,13 +4,12 @@ Lightning's DDP launcher starts rank 1 by running the same script again, so trai
 written by the test. Each rank gets 2 images per step (global batch 4, like the single-process run),
 draws its own anomalies (``Dsr.on_train_start`` seeds each rank differently), and DDP averages the
 gradients, so the ranks end with identical weights. Phase separation holds under DDP (each phase's
-modules only change in their phase). Metrics of the DDP model and of a single-process model trained for
-as many steps on the same generated dataset are compared on its test set (4 good, 4 defective images).
-The runs draw different anomalies, and 24 steps of a tiny model leave the metrics near chance: four
-single-process runs with seeds 0-3 gave image AUROC 0.16-0.72, pixel AUROC 0.43-0.48, pixel AUPR
-0.015-0.018. Hence the tolerances (``METRIC_TOLERANCE``): pixel AUROC within 0.15, pixel AUPR within 0.01
-of the single-process run; image AUROC, too coarse on 8 images to compare, only has to be a valid number.
-The test catches a DDP run that fails, hangs, desynchronises the ranks, mixes the phases or diverges.
+modules only change in their phase). The DDP model and a single-process model trained for as many
+steps on the same generated dataset are compared on what 16 phase-2 steps do measurably improve: the error of I_spc against its
+input on the training images (the reconstruction term of the phase-2 loss, weight 10): 24 steps lower it
+from 0.258 to 0.240, and DDP must lower it about as much as the single process. Metrics such as
+AUROC stay near chance after 24 steps of a tiny model and differ between runs and CPUs (they are not
+compared). The test catches a DDP run that fails, hangs, desynchronises the ranks, mixes the phases or diverges.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from anomalib.data.utils import read_image
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
@@ -29,7 +29,7 @@ from conftest import CATEGORY, IMAGE_SIZE, TINY_WIDTHS, TRAINER_KWARGS
 
 MAX_STEPS = 24  # 16 phase-2 steps, 8 phase-3 steps
 LR = 1e-3
-METRIC_TOLERANCE = {"pixel_AUROC": 0.15, "pixel_AUPR": 0.01}  # absolute
+GAIN_RATIO = (0.5, 2.0)  # DDP's lowering of the I_spc error, relative to the single-process run's (seen: 1.006)
 ROOT = Path(__file__).resolve().parents[1]
 PHASE2_MODULES = ("restriction_lo", "restriction_hi", "object_decoder", "anomaly_detection")
 
@@ -78,13 +78,13 @@ def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], pre
     return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix + "."))
 
 
-def evaluate(make_dsr, make_datamodule, state: dict[str, torch.Tensor], root: Path) -> dict[str, float]:
+def reconstruction_error(make_dsr, state: dict[str, torch.Tensor], images: torch.Tensor) -> float:
+    """Mean squared error of I_spc against ``images`` ``(N, 3, H, W)`` for the model weights ``state``."""
     model = make_dsr()
     model.model.load_state_dict(state)
-    results = Engine(default_root_dir=root, **TRAINER_KWARGS).test(model, datamodule=make_datamodule(), verbose=False)
-    return {k: results[0][k] for k in ("image_AUROC", "pixel_AUROC", "pixel_AUPR")}
-
-
+    with torch.no_grad():
+        image_spc, _, _ = model.model.eval().detect(images)
+    return float((image_spc - images).square().mean())
 
 
 @pytest.mark.slow
@@ -126,9 +126,11 @@ def test_ddp_two_cpu_processes_matches_single_process(make_dsr, make_datamodule,
     Engine(default_root_dir=tmp_path / "single", max_steps=MAX_STEPS, **TRAINER_KWARGS).fit(
         single, datamodule=make_datamodule(train_batch_size=4)
     )
-    ddp_metrics = evaluate(make_dsr, make_datamodule, ranks[0]["state"], tmp_path / "test_ddp")
-    single_metrics = evaluate(make_dsr, make_datamodule, single.model.state_dict(), tmp_path / "test_single")
-    print("DDP:", ddp_metrics, "single process:", single_metrics)
-    for name, tolerance in METRIC_TOLERANCE.items():
-        assert abs(ddp_metrics[name] - single_metrics[name]) <= tolerance, (name, ddp_metrics, single_metrics)
-    assert 0.0 <= ddp_metrics["image_AUROC"] <= 1.0
+    train_images = sorted((demo_root / CATEGORY / "train" / "good").glob("*.png"))
+    images = torch.stack([read_image(path, as_tensor=True) for path in train_images])
+    states = {"start": start, "ddp": end, "single": single.model.state_dict()}
+    errors = {name: reconstruction_error(make_dsr, state, images) for name, state in states.items()}
+    print("I_spc error on the training images:", errors)
+    gain_ddp, gain_single = errors["start"] - errors["ddp"], errors["start"] - errors["single"]
+    assert gain_single > 0, errors
+    assert GAIN_RATIO[0] <= gain_ddp / gain_single <= GAIN_RATIO[1], errors
