@@ -5,11 +5,12 @@ written by the test. Each rank gets 2 images per step (global batch 4, like the 
 draws its own anomalies (``Dsr.on_train_start`` seeds each rank differently), and DDP averages the
 gradients, so the ranks end with identical weights. Phase separation holds under DDP (each phase's
 modules only change in their phase). The DDP model and a single-process model trained for as many
-steps on the same generated dataset are compared on what 16 phase-2 steps do measurably improve: the error of I_spc against its
-input on the training images (the reconstruction term of the phase-2 loss, weight 10): 24 steps lower it
-from 0.258 to 0.240, and DDP must lower it about as much as the single process. Metrics such as
-AUROC stay near chance after 24 steps of a tiny model and differ between runs and CPUs (they are not
-compared). The test catches a DDP run that fails, hangs, desynchronises the ranks, mixes the phases or diverges.
+steps on the same generated dataset are compared on what 16 phase-2 steps measurably improve: the error
+of I_spc against its input on the training images (the phase-2 loss's reconstruction term, weight 10).
+Those steps lower it from 0.258 to 0.240, and DDP must lower it about as much as the single process.
+AUROC and AP stay near chance after 24 steps of a tiny model and differ between runs and CPUs, so they
+are not compared. The test catches a DDP run that fails, hangs, desynchronises the ranks, mixes the
+phases or diverges.
 """
 
 from __future__ import annotations
