@@ -82,7 +82,7 @@ class Dsr(AnomalibModule):
         channels_last: weights and input in the ``channels_last`` memory layout, in training too (outputs
             match the default layout to float32 rounding). Off by default: training is slower in fp32 on CPUs
             without native bf16; on GPUs it is the layout tensor cores use, not measured here (README, "Speed").
-            Inference runs the decoders and U-Nets in channels_last either way.
+            Inference on CPU runs the U-Nets' and D_spc's 3x3 convolutions as Winograd convolutions either way.
 
     Mixed precision: ``Engine(precision="bf16-mixed")`` (or ``Trainer``) trains under bf16 autocast; the VQ
     distances and code choices stay in fp32, so codes match an fp32 run.

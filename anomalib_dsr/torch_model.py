@@ -87,7 +87,8 @@ class DsrModel(nn.Module):
             scales it with the input size (:func:`score_window_for`).
         channels_last: weights and input in the ``channels_last`` memory layout, in training too (the layout
             tensor cores and oneDNN's bf16 kernels work in); slower on this project's CPU (README "Speed").
-            Without it, only the decoders and U-Nets run in channels_last, in eval mode (:meth:`after_codes`).
+            Inference on CPU runs the U-Nets' and D_spc's 3x3 convolutions as Winograd convolutions either way
+            (:class:`~anomalib_dsr.unet.WinogradConv2d`).
     """
 
     def __init__(
@@ -124,16 +125,6 @@ class DsrModel(nn.Module):
         self.vq.eval()
         return self
 
-    def after_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """The input ``(B, C, h, w)`` of a module after the last code choice (D_gen, D_spc, the U-Nets: 80 % of
-        inference time), in channels_last when not training; convolutions take their input's layout.
-
-        On CPU oneDNN's channels_last convolutions are faster forward, but slower backward, so training keeps
-        NCHW unless ``channels_last``. The quantising modules always get :meth:`vq_input`'s layout: a different
-        summation order could flip a code that sits within float32 rounding of a tie.
-        """
-        return x if self.training else x.contiguous(memory_format=torch.channels_last)
-
     @staticmethod
     def to_vq_input(images: torch.Tensor) -> torch.Tensor:
         """RGB ``(B, 3, H, W)`` → BGR, the channel order of the released VQ-VAE (SPEC §4)."""
@@ -154,21 +145,20 @@ class DsrModel(nn.Module):
         restricted_lo = self.restriction_lo(q_lo)
         restricted_hi = self.restriction_hi(q_hi)
         joined = self.vq.join(self.vq.codebook_lo.quantize(restricted_lo), self.vq.codebook_hi.quantize(restricted_hi))
-        return restricted_lo, restricted_hi, self.object_decoder(self.after_codes(joined))
+        return restricted_lo, restricted_hi, self.object_decoder(joined)
 
     def detect(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 1–5 on RGB images: returns I_spc, I_gen and P_lo = softmax(M_lo) ``(B, 2, H, W)``."""
         encoded = self.vq.encode(self.vq_input(images))
-        joined = self.after_codes(torch.cat((encoded.up_lo, encoded.q_hi), dim=1))
-        image_gen = self.vq.decoder(joined)  # = D_gen(join(Q_lo, Q_hi))
+        image_gen = self.vq.decoder(torch.cat((encoded.up_lo, encoded.q_hi), dim=1))  # = D_gen(join(Q_lo, Q_hi))
         _, _, image_spc = self.restore(encoded.q_lo, encoded.q_hi)
-        probs_lo = self.anomaly_detection(self.after_codes(torch.cat((image_spc, image_gen), dim=1))).softmax(dim=1)
+        probs_lo = self.anomaly_detection(torch.cat((image_spc, image_gen), dim=1)).softmax(dim=1)
         return image_spc, image_gen, probs_lo
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """RGB ``(B, 3, H, W)`` in [0, 1] → ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, H, W)``."""
         image_spc, image_gen, probs_lo = self.detect(images)
-        probs = self.upsampling(self.after_codes(torch.cat((image_spc, image_gen, probs_lo), dim=1))).softmax(dim=1)
+        probs = self.upsampling(torch.cat((image_spc, image_gen, probs_lo), dim=1)).softmax(dim=1)
         return InferenceBatch(pred_score=self.image_score(probs_lo), anomaly_map=probs[:, 1])
 
     def image_score(self, probs_lo: torch.Tensor) -> torch.Tensor:

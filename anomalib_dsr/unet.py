@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,23 +55,65 @@ class InstanceNorm2d(nn.InstanceNorm2d):
         return torch.addcmul(-residual * rstd, centred, rstd)
 
 
-def double_conv(in_channels: int, mid_channels: int, out_channels: int) -> nn.Sequential:
+@cache
+def _nnpack_ready() -> bool:
+    """Whether NNPACK is built in; asking also initialises it, without which its convolution fails."""
+    return torch.backends.nnpack.is_available()
+
+
+class WinogradConv2d(nn.Conv2d):
+    """Convolution 3x3, padding 1: ``(B, in, h, w)`` → ``(B, out, h, w)``. In inference on CPU in float32 (no
+    autograd, no autocast, no graph capture) NNPACK's Winograd convolution, one image at a time (its inference
+    algorithm); otherwise ``nn.Conv2d``'s.
+
+    For the modules after the last code choice only: about 2x faster than oneDNN's direct convolution at batch 1
+    on this project's CPU, with a float32 error about 10x larger (2e-5 of the output's scale against 2e-6), the
+    kind that cuDNN's Winograd kernels give on GPUs. Not for modules ahead of a quantiser, where that rounding could
+    flip a code at a tie: the subspace restriction modules keep ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(in_channels, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.training
+            or torch.is_grad_enabled()
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or torch.is_autocast_enabled("cpu")
+            or _capturing_graph()
+            or not _nnpack_ready()
+        ):
+            return super().forward(x)
+        weight = self.weight.contiguous()  # NNPACK reads NCHW; Dsr(channels_last=True) keeps weights channels_last
+        images = x.contiguous().split(1)
+        outputs = [torch._nnpack_spatial_convolution(image, weight, self.bias, self.padding) for image in images]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def conv3x3(in_channels: int, out_channels: int, *, winograd: bool) -> nn.Conv2d:
+    """Convolution 3x3 with padding 1; :class:`WinogradConv2d` at inference if ``winograd``."""
+    return WinogradConv2d(in_channels, out_channels) if winograd else nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+
+def double_conv(in_channels: int, mid_channels: int, out_channels: int, *, winograd: bool) -> nn.Sequential:
     """[conv 3x3, InstanceNorm, ReLU] x2; shape ``(B, in, h, w)`` → ``(B, out, h, w)``."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, mid_channels, 3, padding=1),
+        conv3x3(in_channels, mid_channels, winograd=winograd),
         InstanceNorm2d(mid_channels, inplace=True),
         nn.ReLU(inplace=True),  # in place: the norm's backward needs its input, not its output
-        nn.Conv2d(mid_channels, out_channels, 3, padding=1),
+        conv3x3(mid_channels, out_channels, winograd=winograd),
         InstanceNorm2d(out_channels, inplace=True),
         nn.ReLU(inplace=True),
     )
 
 
-def up_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+def up_conv(in_channels: int, out_channels: int, *, winograd: bool) -> nn.Sequential:
     """Bilinear x2 (align_corners), conv 3x3, InstanceNorm, ReLU; ``(B, in, h, w)`` → ``(B, out, 2h, 2w)``."""
     return nn.Sequential(
         nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-        nn.Conv2d(in_channels, out_channels, 3, padding=1),
+        conv3x3(in_channels, out_channels, winograd=winograd),
         InstanceNorm2d(out_channels, inplace=True),
         nn.ReLU(inplace=True),
     )
@@ -87,10 +131,10 @@ class UNetEncoder(nn.Module):
 
     def __init__(self, in_channels: int, width: int) -> None:
         super().__init__()
-        self.block1 = double_conv(in_channels, width, width)
-        self.block2 = double_conv(width, 2 * width, 2 * width)
-        self.block3 = double_conv(2 * width, 4 * width, 4 * width)
-        self.block4 = double_conv(4 * width, 4 * width, 4 * width)
+        self.block1 = double_conv(in_channels, width, width, winograd=True)
+        self.block2 = double_conv(width, 2 * width, 2 * width, winograd=True)
+        self.block3 = double_conv(2 * width, 4 * width, 4 * width, winograd=True)
+        self.block4 = double_conv(4 * width, 4 * width, 4 * width, winograd=True)
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -105,13 +149,13 @@ class UNetDecoder(nn.Module):
 
     def __init__(self, width: int, out_channels: int) -> None:
         super().__init__()
-        self.up1 = up_conv(4 * width, 4 * width)
-        self.db1 = double_conv(8 * width, 4 * width, 4 * width)
-        self.up2 = up_conv(4 * width, 2 * width)
-        self.db2 = double_conv(4 * width, 2 * width, 2 * width)
-        self.up3 = up_conv(2 * width, width)
-        self.db3 = double_conv(2 * width, width, width)
-        self.fin_out = nn.Sequential(nn.Conv2d(width, out_channels, 3, padding=1))
+        self.up1 = up_conv(4 * width, 4 * width, winograd=True)
+        self.db1 = double_conv(8 * width, 4 * width, 4 * width, winograd=True)
+        self.up2 = up_conv(4 * width, 2 * width, winograd=True)
+        self.db2 = double_conv(4 * width, 2 * width, 2 * width, winograd=True)
+        self.up3 = up_conv(2 * width, width, winograd=True)
+        self.db3 = double_conv(2 * width, width, width, winograd=True)
+        self.fin_out = nn.Sequential(conv3x3(width, out_channels, winograd=True))
 
     def forward(self, b1: torch.Tensor, b2: torch.Tensor, b3: torch.Tensor, b4: torch.Tensor) -> torch.Tensor:
         x = self.db1(torch.cat((self.up1(b4), b3), dim=1))

@@ -60,7 +60,7 @@ def test_pred_score_is_max_of_21x21_average_of_lo_map(model: DsrModel) -> None:
     with torch.no_grad():
         out = model(images)
         image_spc, image_gen, probs_lo = model.detect(images)
-        probs = model.upsampling(model.after_codes(torch.cat((image_spc, image_gen, probs_lo), dim=1))).softmax(dim=1)
+        probs = model.upsampling(torch.cat((image_spc, image_gen, probs_lo), dim=1)).softmax(dim=1)
     assert torch.allclose(probs_lo.sum(1), torch.ones(3, SIZE, SIZE), atol=1e-5)
     padded = F.pad(probs_lo[:, 1:], (10, 10, 10, 10))  # zeros, counted in the average
     window_mean = F.conv2d(padded, torch.full((1, 1, 21, 21), 1 / 441))

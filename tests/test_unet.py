@@ -1,6 +1,7 @@
 """The U-Nets' InstanceNorm (``anomalib_dsr.unet.InstanceNorm2d``): as accurate as ``nn.InstanceNorm2d`` against
 float64, on channels of large mean and tiny spread too, in both memory layouts and in a captured graph; the
-same values and gradients; its input overwritten only when asked."""
+same values and gradients; its input overwritten only when asked. The U-Nets' Winograd convolution
+(``WinogradConv2d``): taken only at inference, near float64 there, ``nn.Conv2d`` everywhere else."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_dsr.unet import InstanceNorm2d
+from anomalib_dsr.unet import InstanceNorm2d, WinogradConv2d
 
 LAYOUTS = pytest.mark.parametrize(
     "layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"]
@@ -64,3 +65,35 @@ def test_values_and_gradients_of_instance_norm(layout: torch.memory_format, inpl
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-9, atol=1e-9)  # gradients ~100: rstd is ~100 here
     assert torch.equal(source.detach(), before) != inplace
+
+
+@pytest.mark.parametrize(("in_channels", "out_channels", "size"), [(6, 64, 128), (128, 64, 64), (512, 512, 16)])
+def test_winograd_convolution_at_inference(in_channels: int, out_channels: int, size: int) -> None:
+    """eval + no autograd on CPU in float32: Winograd, one image at a time, within 5e-5 of the output's scale of
+    float64 (seen: 1-2e-5; oneDNN's direct convolution ~2e-6) and not nn.Conv2d's values (the path is taken)."""
+    torch.manual_seed(0)
+    conv = WinogradConv2d(in_channels, out_channels).eval()
+    x = torch.randn(3, in_channels, size, size).contiguous(memory_format=torch.channels_last)
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    with torch.no_grad():
+        fast, direct = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)
+        assert torch.equal(fast[1:2], conv(x[1:2]))  # batch = images one by one
+    assert fast.shape == exact.shape
+    assert (fast.double() - exact).abs().max() < 5e-5 * exact.abs().max()
+    assert not torch.equal(fast, direct)
+
+
+def test_winograd_convolution_is_nn_conv2d_elsewhere() -> None:
+    """Training, autograd, autocast and graph capture (ONNX/OpenVINO export) get nn.Conv2d's exact values; the
+    weights are nn.Conv2d's, under the same keys."""
+    torch.manual_seed(0)
+    conv = WinogradConv2d(16, 8)
+    assert conv.state_dict().keys() == nn.Conv2d(16, 8, 3, padding=1).state_dict().keys()
+    x = torch.randn(2, 16, 32, 32)
+    direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert torch.equal(conv.train()(x), direct)  # training
+    assert torch.equal(conv.eval()(x), direct)  # autograd on
+    with torch.no_grad():
+        assert torch.equal(torch.export.export(conv, (x,)).module()(x), direct)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert conv(x).dtype == torch.bfloat16
