@@ -28,19 +28,20 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DemoSettings:
     """Sizes of the demo run; the defaults finish in under 10 minutes on 2 CPU cores. Widths are a quarter of
-    the paper's (channels 128, 4096 codes of 128 dims, U-Net width 64), those of the shipped general VQ-VAE;
-    images are 128x128 (paper: 256), where the architecture still has room at its coarsest grids.
+    the paper's (channels 128, codes of 128 dims, U-Net width 64), those of the shipped general VQ-VAE (1024
+    codes, paper: 4096); images are 128x128 (paper: 256), where the architecture still has room at its coarsest
+    grids.
 
-    500 steps instead of the paper's hundreds of thousands, so a larger learning rate (paper: 2e-4) and a larger
-    share for phase 2 (paper: 2:1), which trains what the image score reads (P_lo): 375 + 125 steps.
+    540 steps instead of the paper's hundreds of thousands, so a larger learning rate (paper: 2e-4); the paper's
+    2:1 split of phases 2 and 3: 360 + 180 steps.
     """
 
     image_size: int = 128
     num_train: int = 80
-    dsr_steps: int = 500
+    dsr_steps: int = 540
     batch_size: int = 8  # paper: 8
     learning_rate: float = 5e-4
-    phase_ratio: float = 3.0
+    phase_ratio: float = 2.0  # paper: 2:1
     vq_weights: str | None = None  # None: the general VQ-VAE shipped with the package
     channels: int = GENERAL_VQ_WIDTHS["channels"]
     res_hidden: int = GENERAL_VQ_WIDTHS["res_hidden"]
