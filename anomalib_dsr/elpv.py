@@ -8,6 +8,8 @@ shipped with this package). Layout written under ``root``::
     root/<type>/train/good/cellNNNN.png     a share of the p = 0 cells
     root/<type>/test/good/cellNNNN.png      the other p = 0 cells
     root/<type>/test/defect/cellNNNN.png    the p = 1 cells (1/3 and 2/3 are left out as uncertain)
+    root/<type>/val/{good,defect}/…         with ``max_test_per_class``: the p = 0 and p = 1 cells beyond the
+                                            test cap, disjoint from train and test, for choosing settings
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def prepare_elpv(
         root: output folder.
         train_share: share of each type's p = 0 cells used for training; the rest are the good test cells.
         max_test_per_class: at most this many good and this many defective test cells per type, drawn at
-            random (``None``: all), to bound test time on a CPU.
+            random (``None``: all), to bound test time on a CPU; the cells beyond the cap go to ``val/``.
         seed: seed of the split.
     """
     try:
@@ -46,7 +48,7 @@ def prepare_elpv(
         msg = f"train_share must lie in (0, 1), got {train_share}."
         raise ValueError(msg)
     root = Path(root)
-    settings = {"train_share": train_share, "max_test_per_class": max_test_per_class, "seed": seed}
+    settings = {"train_share": train_share, "max_test_per_class": max_test_per_class, "seed": seed, "layout": 2}
     marker = root / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return root
@@ -62,7 +64,9 @@ def prepare_elpv(
         n_train = round(train_share * len(good))
         split = {"train/good": good[:n_train], "test/good": good[n_train:], "test/defect": defect}
         if max_test_per_class is not None:
-            split["test/good"], split["test/defect"] = split["test/good"][:max_test_per_class], defect[:max_test_per_class]
+            cap = max_test_per_class
+            split |= {"test/good": good[n_train : n_train + cap], "test/defect": defect[:cap]}
+            split |= {"val/good": good[n_train + cap :], "val/defect": defect[cap:]}
         for subfolder, paths in split.items():
             (folder / subfolder).mkdir(parents=True, exist_ok=True)
             for path in paths:

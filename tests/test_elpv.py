@@ -55,6 +55,10 @@ def test_layout_per_cell_type(elpv_package: Path, tmp_path: Path) -> None:
 def test_test_cap_seed_and_idempotence(elpv_package: Path, tmp_path: Path) -> None:
     root = prepare_elpv(tmp_path / "elpv", max_test_per_class=3, seed=0)
     assert len(files(root / "poly" / "test/good")) == 3 and len(files(root / "poly" / "test/defect")) == 3
+    # the cells beyond the cap form a validation split, disjoint from train and test
+    splits = {sub: files(root / "poly" / sub) for sub in ("train/good", "test/good", "test/defect", "val/good", "val/defect")}
+    assert len(splits["val/good"]) == 20 - 16 - 3 and len(splits["val/defect"]) == 4 - 3
+    assert sum(map(len, splits.values())) == len(set().union(*splits.values()))
     first = files(root / "poly" / "train/good")
     (root / "poly" / "train/good" / "extra.png").write_bytes(b"")
     prepare_elpv(root, max_test_per_class=3, seed=0)  # same settings: left as it is
