@@ -56,10 +56,14 @@ class LearningCurve(Callback):
         self._steps.discard(trainer.global_step)  # several optimisers may report one step twice
         started = time.perf_counter()
         row = {"step": trainer.global_step, "train_seconds": started - self._start - self._eval_seconds}
-        row.update(evaluate(pl_module, trainer.datamodule.test_dataloader()))
+        row.update(self.measure(trainer, pl_module))
         self.rows.append(row)
         self._eval_seconds += time.perf_counter() - started
         logger.info("Learning curve: %s", ", ".join(f"{k} {v:.4g}" for k, v in row.items()))
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        """The figures of one point: image AUROC and pixel AP on the datamodule's test set."""
+        return evaluate(pl_module, trainer.datamodule.test_dataloader())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         del pl_module

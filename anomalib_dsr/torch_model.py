@@ -59,6 +59,13 @@ def score_window_for(height: int, width: int) -> tuple[int, int]:
     return 2 * round(10 * height / 256) + 1, 2 * round(10 * width / 256) + 1
 
 
+def window_max(anomaly: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    """``(B,)``: the maximum of ``anomaly`` ``(B, 1, H, W)`` averaged over ``window`` (stride 1, odd sides, zero
+    padding counted in the average)."""
+    smoothed = F.avg_pool2d(anomaly, window, stride=1, padding=(window[0] // 2, window[1] // 2), count_include_pad=True)
+    return smoothed.amax(dim=(1, 2, 3))
+
+
 class RestrictionTrainingOutput(NamedTuple):
     """What the phase-2 loss needs (SPEC §4). Shapes for an input ``(B, 3, H, W)``."""
 
@@ -164,9 +171,7 @@ class DsrModel(nn.Module):
     def image_score(self, probs_lo: torch.Tensor) -> torch.Tensor:
         """``(B,)``: the maximum of P_lo's anomaly channel averaged over the score window (SPEC §5)."""
         window = score_window_for(*probs_lo.shape[-2:]) if self.score_window is None else (self.score_window,) * 2
-        pad = (window[0] // 2, window[1] // 2)
-        smoothed = F.avg_pool2d(probs_lo[:, 1:], window, stride=1, padding=pad, count_include_pad=True)
-        return smoothed.amax(dim=(1, 2, 3))
+        return window_max(probs_lo[:, 1:], window)
 
     def forward_restriction_training(self, images: torch.Tensor, masks: torch.Tensor) -> RestrictionTrainingOutput:
         """Phase 2 (SPEC §3–4): inject latent anomalies inside ``masks`` ``(B, 1, H, W)``, then restore.

@@ -15,21 +15,23 @@ Usage (from the repository root; one run takes about as long as the benchmark's 
 from __future__ import annotations
 
 import argparse
-import time
+import logging
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 import yaml
 from anomalib.data import Folder
 from anomalib.engine import Engine
-from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch import seed_everything
 from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_dsr import Dsr
 from anomalib_dsr.elpv import prepare_elpv
+from anomalib_dsr.learning_curve import LearningCurve
+from anomalib_dsr.torch_model import window_max
 
 WINDOWS = (1, 5, 11, 21)
 
@@ -54,59 +56,51 @@ def dsr_settings(config: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
     raise ValueError(msg)
 
 
-class ValidationAUROC(Callback):
-    """At ``steps``: validation image AUROC of P_lo averaged over each window in :data:`WINDOWS`, printed."""
+class ValidationCurve(LearningCurve):
+    """A learning curve of validation image AUROC, one figure per score window in :data:`WINDOWS`.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, steps: set[int]) -> None:
-        self.images, self.labels, self.steps = images, labels, steps
-        self.start, self.eval_seconds = 0.0, 0.0
+    ``inputs`` are the validation images already through the model's pre-processing, ``(N, 3, H, W)``.
+    """
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.start = time.perf_counter()
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, points: int) -> None:
+        super().__init__(points)
+        self.inputs, self.labels = inputs, labels
 
-    def on_train_batch_end(self, trainer, pl_module, *args: Any) -> None:
-        if trainer.global_step not in self.steps:
-            return
-        self.steps.discard(trainer.global_step)
-        started = time.perf_counter()
+    @torch.no_grad()
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         pl_module.eval()
-        with torch.no_grad():
-            inputs = pl_module.pre_processor.transform(self.images)
-            probs_lo = torch.cat([pl_module.model.detect(batch)[2][:, 1:] for batch in inputs.split(16)])
-        pl_module.train()
-        aurocs = [
-            float(binary_auroc(F.avg_pool2d(probs_lo, w, 1, w // 2, count_include_pad=True).amax((1, 2, 3)), self.labels))
-            for w in WINDOWS
-        ]
-        train_seconds = started - self.start - self.eval_seconds
-        print(f"{trainer.global_step:>5} {train_seconds:>7.0f}  " + "  ".join(f"{a:.3f}" for a in aurocs), flush=True)
-        self.eval_seconds += time.perf_counter() - started
+        anomaly = torch.cat([pl_module.model.detect(batch)[2][:, 1:] for batch in self.inputs.split(16)])
+        pl_module.train()  # DsrModel.train keeps the VQ-VAE in eval mode
+        return {f"w={w}": float(binary_auroc(window_max(anomaly, (w, w)), self.labels)) for w in WINDOWS}
 
 
 def main() -> None:
     args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("anomalib_dsr.learning_curve").setLevel(logging.INFO)  # one line per evaluation
     config = yaml.safe_load(args.config.read_text())
     root = prepare_elpv(**config["elpv_dataset"]) / args.cell
     init_args, trainer = dsr_settings(config)
     init_args.update({name: yaml.safe_load(value) for name, value in (item.split("=", 1) for item in args.set)})
-    image_size = config["benchmark"]["image_size"]
 
     datamodule = Folder(name=f"elpv_{args.cell}", root=root, normal_dir="train/good", normal_test_dir="val/good",
                         abnormal_dir="val/defect", val_split_mode="none", train_batch_size=8, num_workers=0)
     datamodule.setup()
     batches = list(datamodule.test_dataloader())
-    images, labels = torch.cat([b.image for b in batches]), torch.cat([b.gt_label for b in batches]).int()
+    labels = torch.cat([b.gt_label for b in batches]).int()
     print(f"{args.cell}: {int((labels == 0).sum())} good and {int(labels.sum())} defective validation cells; Dsr({init_args})")
 
-    max_steps = args.max_steps or trainer["max_steps"]
-    steps = {round(max_steps * (i + 1) / args.evaluations) for i in range(args.evaluations)}
     seed_everything(args.seed)
-    model = Dsr(image_size=image_size, **init_args)
-    print(" step train_s  " + "  ".join(f"w={w:<3}" for w in WINDOWS))
+    model = Dsr(image_size=config["benchmark"]["image_size"], **init_args)
+    curve = ValidationCurve(model.pre_processor.transform(torch.cat([b.image for b in batches])), labels, args.evaluations)
     with TemporaryDirectory() as temp_dir:
-        engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=temp_dir, max_steps=max_steps,
-                        limit_val_batches=0, enable_progress_bar=False, callbacks=[ValidationAUROC(images, labels, steps)])
+        engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=temp_dir,
+                        max_steps=args.max_steps or trainer["max_steps"], limit_val_batches=0, enable_progress_bar=False,
+                        callbacks=[curve])
         engine.fit(model, datamodule)
+    print(" step train_s  " + "  ".join(f"{f'w={w}':<5}" for w in WINDOWS))
+    for row in curve.rows:
+        print(f"{row['step']:>5} {row['train_seconds']:>7.0f}  " + "  ".join(f"{row[f'w={w}']:.3f}" for w in WINDOWS))
 
 
 if __name__ == "__main__":
