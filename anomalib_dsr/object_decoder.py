@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomalib_dsr.unet import double_conv, init_normal_
+from anomalib_dsr.unet import MaxPool2x2, double_conv, init_normal_, winograd_threads
 from anomalib_dsr.vq_vae import ImageDecoder
 
 
@@ -23,7 +23,7 @@ class ObjectSpecificDecoder(nn.Module):
         super().__init__()
         self.block1 = double_conv(in_channels, in_channels, 2 * in_channels, winograd=True)
         self.block2 = double_conv(2 * in_channels, 2 * in_channels, 4 * in_channels, winograd=True)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2x2()
         self.bottleneck = nn.Conv2d(4 * in_channels, bottleneck, 1)
         self.upblock1 = nn.ConvTranspose2d(bottleneck, bottleneck, 4, stride=2, padding=1)
         self.upblock2 = nn.ConvTranspose2d(bottleneck, bottleneck, 4, stride=2, padding=1)
@@ -31,7 +31,8 @@ class ObjectSpecificDecoder(nn.Module):
         init_normal_(self)  # SPEC §2: N(0, 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.block2(self.pool(self.block1(x))))
+        with winograd_threads(self, x):
+            x = self.pool(self.block2(self.pool(self.block1(x))))
         x = torch.relu_(self.upblock1(self.bottleneck(x)))
         x = torch.relu_(self.upblock2(x))
         return self.decoder(x)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomalib_dsr.unet import double_conv, up_conv
+from anomalib_dsr.unet import MaxPool2x2, double_conv, up_conv
 
 
 class RestrictionEncoder(nn.Module):
@@ -16,7 +16,7 @@ class RestrictionEncoder(nn.Module):
         self.block1 = double_conv(channels, channels, channels, winograd=False)
         self.block2 = double_conv(channels, 2 * channels, 2 * channels, winograd=False)
         self.block3 = double_conv(2 * channels, 4 * channels, 4 * channels, winograd=False)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2x2()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block3(self.pool(self.block2(self.pool(self.block1(x)))))

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalib_dsr.unet import capturing_graph
+
 
 class ResidualBlock(nn.Module):
     """``relu(x) + conv1x1(relu(conv3x3(relu(x))))`` (no biases). Shape preserving.
@@ -154,9 +156,18 @@ class EMACodebook(nn.Module):
         return self.embedding.weight[indices].permute(0, 3, 1, 2)
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Index ``(B, h, w)`` of the nearest code (L2) to each feature of ``z`` ``(B, D, h, w)``."""
+        """Index ``(B, h, w)`` of the nearest code (L2) to each feature of ``z`` ``(B, D, h, w)``.
+
+        Eagerly the distances are computed for 2^22 pairs at a time (16 MiB in fp32): the same indices as from the
+        whole matrix, which at batch 8 and 256x256 would take 512 MiB per quantisation. Captured graphs (export)
+        keep the whole matrix, whatever the batch.
+        """
         b, d, h, w = z.shape
-        return self.squared_distances(z.permute(0, 2, 3, 1).reshape(-1, d)).argmin(1).view(b, h, w)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        if capturing_graph():
+            return self.squared_distances(flat).argmin(1).view(b, h, w)
+        rows = max(1, 2**22 // self.num_embeddings)
+        return torch.cat([self.squared_distances(part).argmin(1) for part in flat.split(rows)]).view(b, h, w)
 
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest codes ``(B, D, h, w)`` with the straight-through gradient; no EMA update, no statistics."""

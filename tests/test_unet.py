@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_dsr.unet import InstanceNorm2d, WinogradConv2d
+from anomalib_dsr.unet import InstanceNorm2d, MaxPool2x2, UNet, WinogradConv2d, winograd_threads
 
 LAYOUTS = pytest.mark.parametrize(
     "layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"]
@@ -97,3 +97,46 @@ def test_winograd_convolution_is_nn_conv2d_elsewhere() -> None:
         assert torch.equal(torch.export.export(conv, (x,)).module()(x), direct)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert conv(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_max_pool_without_autograd_has_max_pool2d_values_and_keeps_its_gradient(layout: torch.memory_format) -> None:
+    """Inference: the row-pair/column-pair maximum equals max_pool2d exactly; with autograd nn.MaxPool2d's
+    gradient (the whole gradient to one element of a tied window, not split); odd sides floored."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16, 12).contiguous(memory_format=layout)
+    x[:, :, 0, 0] = x[:, :, 0, 1]  # ties
+    with torch.no_grad():
+        assert torch.equal(MaxPool2x2()(x), F.max_pool2d(x, 2))
+        assert torch.equal(MaxPool2x2()(x[..., :11]), F.max_pool2d(x[..., :11], 2))
+    leaf = x.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(MaxPool2x2()(leaf).sum(), leaf)
+    (expected,) = torch.autograd.grad(F.max_pool2d(leaf, 2).sum(), leaf)
+    assert torch.equal(grad, expected)
+    assert set(grad.unique().tolist()) == {0.0, 1.0}
+
+
+def test_winograd_threads_only_around_batch_one_inference_and_restored() -> None:
+    """One torch thread inside the section only for a batch of one image in Winograd inference; the calling
+    thread's count comes back, also after an exception; a U-Net's output does not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        unet = UNet(3, width=4).eval()
+        one, two = torch.rand(1, 3, 32, 32), torch.rand(2, 3, 32, 32)
+        seen = []
+        with torch.no_grad():
+            for x in (one, two):
+                with winograd_threads(unet, x):
+                    seen.append(torch.get_num_threads())
+        with winograd_threads(unet, one):  # autograd on
+            seen.append(torch.get_num_threads())
+        assert seen == [1, 2, 2]
+        with pytest.raises(RuntimeError, match="inside"), torch.no_grad(), winograd_threads(unet, one):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        with torch.no_grad():
+            batched = unet(torch.cat((one, one)))
+            assert torch.equal(unet(one)[0], batched[0])
+    finally:
+        torch.set_num_threads(threads)
