@@ -29,9 +29,10 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_dsr.anomaly_generator import LatentAnomalyGenerator, blocky
+from anomalib_dsr.graph_capture import capturing_graph
 from anomalib_dsr.object_decoder import ObjectSpecificDecoder
 from anomalib_dsr.subspace_restriction import SubspaceRestriction
-from anomalib_dsr.unet import UNet, capturing_graph, init_normal_
+from anomalib_dsr.unet import UNet, init_normal_
 from anomalib_dsr.vq_vae import Encoded, GeneralVQVAE
 
 

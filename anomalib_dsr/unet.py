@@ -10,10 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def capturing_graph() -> bool:
-    """Whether the model is being traced or exported (ONNX, torch.export, torch.compile, TorchScript)."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+from anomalib_dsr.graph_capture import capturing_graph
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_dsr.unet import capturing_graph
+from anomalib_dsr.graph_capture import capturing_graph
 
 
 class ResidualBlock(nn.Module):
