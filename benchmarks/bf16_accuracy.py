@@ -1,6 +1,6 @@
 """Accuracy guard for mixed precision: does training DSR with ``precision="bf16-mixed"`` cost accuracy?
 
-Runs the offline demo (``anomalib_dsr.demo.run_demo``, the same code as ``make demo``) twice with the same
+Runs the offline demo (``anomalib_dsr.workflows.demo.run_demo``, the same code as ``make demo``) twice with the same
 seed and the same step budget: once in fp32 (Lightning's ``"32-true"``) and once with ``"bf16-mixed"``. In
 both runs the demo builds the same dataset and uses the general VQ-VAE shipped with the package (phase 1,
 fp32), so only DSR's training (phases 2 and 3) and its test pass differ in precision. It prints image AUROC and pixel AP (anomalib's ``image_AUROC`` and
@@ -32,7 +32,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from anomalib_dsr.demo import DemoSettings, run_demo
+from anomalib_dsr.workflows.demo import DemoSettings, run_demo
 
 PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
 METRICS = {"image_AUROC": "image AUROC", "pixel_AUPR": "pixel AP"}

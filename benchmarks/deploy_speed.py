@@ -48,10 +48,10 @@ def train(output: Path, quick: bool) -> tuple[object, object]:
     from lightning.pytorch import seed_everything
 
     from anomalib_dsr import Dsr
-    from anomalib_dsr.demo import DemoSettings
-    from anomalib_dsr.demo_data import make_demo_dataset
-    from anomalib_dsr.general_images import GENERAL_VQ_FILE
-    from anomalib_dsr.pretraining import pretrain_vq
+    from anomalib_dsr.workflows.demo import DemoSettings
+    from anomalib_dsr.workflows.demo_data import make_demo_dataset
+    from anomalib_dsr.model.general_images import GENERAL_VQ_FILE
+    from anomalib_dsr.model.pretraining import pretrain_vq
 
     settings = DemoSettings()
     if quick:
@@ -132,8 +132,8 @@ def main() -> None:
     output.mkdir(parents=True, exist_ok=True)
     if args.ckpt:
         model = Dsr.load_from_checkpoint(args.ckpt, map_location="cpu")
-        from anomalib_dsr.demo import DemoSettings
-        from anomalib_dsr.demo_data import make_demo_dataset
+        from anomalib_dsr.workflows.demo import DemoSettings
+        from anomalib_dsr.workflows.demo_data import make_demo_dataset
 
         settings = DemoSettings()
         make_demo_dataset(output / "data", image_size=settings.image_size, num_train=settings.num_train, seed=settings.seed)

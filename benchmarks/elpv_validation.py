@@ -29,9 +29,9 @@ from lightning.pytorch import seed_everything
 from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_dsr import Dsr
-from anomalib_dsr.elpv import prepare_elpv
-from anomalib_dsr.learning_curve import LearningCurve
-from anomalib_dsr.torch_model import window_max
+from anomalib_dsr.workflows.elpv import prepare_elpv
+from anomalib_dsr.workflows.learning_curve import LearningCurve
+from anomalib_dsr.model.torch_model import window_max
 
 WINDOWS = (1, 5, 11, 21)
 
@@ -77,7 +77,7 @@ class ValidationCurve(LearningCurve):
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("anomalib_dsr.learning_curve").setLevel(logging.INFO)  # one line per evaluation
+    logging.getLogger("anomalib_dsr.workflows.learning_curve").setLevel(logging.INFO)  # one line per evaluation
     config = yaml.safe_load(args.config.read_text())
     root = prepare_elpv(**config["elpv_dataset"]) / args.cell
     init_args, trainer = dsr_settings(config)

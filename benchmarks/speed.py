@@ -113,8 +113,8 @@ def write_random_vq(path: Path, seed: int) -> None:
     """A randomly initialised general VQ-VAE (paper widths) as a plain state_dict in the original layout."""
     import torch
 
-    from anomalib_dsr.original_format import VQ_FORMAT, original_state
-    from anomalib_dsr.vq_vae import GeneralVQVAE
+    from anomalib_dsr.checkpoints.original_format import VQ_FORMAT, original_state
+    from anomalib_dsr.model.vq_vae import GeneralVQVAE
 
     torch.manual_seed(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def build(name: str, vq_file: Path, size: int):
 
 def copy_weights(anomalib_model, ours) -> None:
     """Give ours anomalib's (random) trainable weights: both follow the authors' layout module by module."""
-    from anomalib_dsr.original_format import MODULE_FORMATS, load_original_state
+    from anomalib_dsr.checkpoints.original_format import MODULE_FORMATS, load_original_state
 
     theirs = {
         "restriction_hi": anomalib_model.model.subspace_restriction_module_hi,

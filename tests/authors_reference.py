@@ -40,13 +40,18 @@ def up_block(c_in: int, c_out: int) -> nn.Sequential:
 
 # ------------------------------------------------------------------------------------ discrete_model.py
 class VectorQuantizerEMA(nn.Module):
-    """Their EMA quantiser in eval mode: features ``(B, D, h, w)`` → straight-through codes, same shape."""
+    """Their EMA quantiser in eval mode: features ``(B, D, h, w)`` → straight-through codes, same shape.
+
+    Not theirs: each call's features and chosen indices ``(B, h, w)`` are appended to ``seen``, so that the tests
+    can compare every code choice with ours (:attr:`AuthorsDsr.codes`).
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self._embedding = nn.Embedding(num_embeddings, embedding_dim)
         self._ema_w = nn.Parameter(torch.empty(num_embeddings, embedding_dim))  # EMA state: unused at inference
         self.register_buffer("_ema_cluster_size", torch.zeros(num_embeddings))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         nhwc = inputs.permute(0, 2, 3, 1).contiguous()
@@ -54,6 +59,7 @@ class VectorQuantizerEMA(nn.Module):
         codebook = self._embedding.weight
         distances = (flat**2).sum(1, keepdim=True) + (codebook**2).sum(1) - 2 * torch.matmul(flat, codebook.t())
         indices = distances.argmin(1)
+        self.seen.append((inputs, indices.view(nhwc.shape[:-1])))
         one_hot = F.one_hot(indices, codebook.shape[0]).to(flat.dtype)
         quantized = torch.matmul(one_hot, codebook).view(nhwc.shape)
         quantized = nhwc + (quantized - nhwc).detach()
@@ -301,6 +307,8 @@ class AuthorsDsr(nn.Module):
         (softmax(M)'s anomaly channel, uncropped: their 224 centre crop is for the pixel metrics only).
         """
         vq = self.model_vq
+        vq._vq_vae_top.seen.clear()
+        vq._vq_vae_bot.seen.clear()
         q_lo, q_hi = vq(bgr)
         _, q_hi_restricted = self.sub_res_hi_module(q_hi.clone(), vq._vq_vae_bot)
         _, q_lo_restricted = self.sub_res_lo_module(q_lo.clone(), vq._vq_vae_top)
@@ -309,4 +317,10 @@ class AuthorsDsr(nn.Module):
         probs_lo = torch.softmax(self.anom_det_module(image_spc, image_gen), dim=1)
         probs = torch.softmax(self.upsample_module(image_spc, image_gen, probs_lo), dim=1)
         averaged = F.avg_pool2d(probs_lo[:, 1:], 21, stride=1, padding=21 // 2)
-        return {"pred_score": averaged.amax(dim=(1, 2, 3)), "anomaly_map": probs[:, 1]}
+        return {"pred_score": averaged.amax(dim=(1, 2, 3)), "anomaly_map": probs[:, 1], **self.codes()}
+
+    def codes(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Stage → (features ``(B, D, h, w)``, chosen indices ``(B, h, w)``) of the last forward's four quantisations.
+        Each codebook quantises twice, first the encoder's features, then the restricted ones."""
+        (lo, restricted_lo), (hi, restricted_hi) = self.model_vq._vq_vae_top.seen, self.model_vq._vq_vae_bot.seen
+        return {"codes_lo": lo, "codes_hi": hi, "restricted_codes_lo": restricted_lo, "restricted_codes_hi": restricted_hi}

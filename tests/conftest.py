@@ -36,7 +36,7 @@ def tiny_widths() -> dict[str, int]:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root of a tiny MVTec-layout dataset: ``root/gravel/{train,test,ground_truth}``, 64x64 images."""
-    from anomalib_dsr.demo_data import make_demo_dataset
+    from anomalib_dsr.workflows.demo_data import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo_data")
     make_demo_dataset(root, category=CATEGORY, image_size=IMAGE_SIZE, num_train=8, num_test_good=4, num_test_defect=2)
@@ -46,7 +46,7 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def vq_weights(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> Path:
     """A tiny general VQ-VAE, briefly pretrained on the demo train images, in the original layout."""
-    from anomalib_dsr.pretraining import pretrain_vq
+    from anomalib_dsr.model.pretraining import pretrain_vq
 
     out = tmp_path_factory.mktemp("vq") / "vq_tiny.pckl"
     return pretrain_vq(

@@ -68,7 +68,7 @@ def deployed(tmp_path_factory, demo_root: Path, tiny_widths: dict[str, int]) -> 
 
     from anomalib_dsr import Dsr
 
-    from anomalib_dsr.pretraining import pretrain_vq
+    from anomalib_dsr.model.pretraining import pretrain_vq
 
     from conftest import VQ_WIDTHS
 

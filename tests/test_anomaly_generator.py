@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from anomalib_dsr.anomaly_generator import ImageAnomalyGenerator, LatentAnomalyGenerator, perlin_masks
-from anomalib_dsr.vq_vae import EMACodebook
+from anomalib_dsr.model.anomaly_generator import ImageAnomalyGenerator, LatentAnomalyGenerator, perlin_masks
+from anomalib_dsr.model.vq_vae import EMACodebook
 
 CPU = torch.device("cpu")
 

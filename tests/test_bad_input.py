@@ -20,9 +20,9 @@ from PIL import Image
 from torchvision.transforms.v2 import Resize
 
 from anomalib_dsr import Dsr
-from anomalib_dsr.data_check import DataError, check_datamodule, check_image_files, image_problem
-from anomalib_dsr.original_format import WeightsError
-from anomalib_dsr.pretraining import ImageFolders
+from anomalib_dsr.model.data_check import DataError, check_datamodule, check_image_files, image_problem
+from anomalib_dsr.checkpoints.original_format import WeightsError
+from anomalib_dsr.model.pretraining import ImageFolders
 
 from conftest import CATEGORY, IMAGE_SIZE, TRAINER_KWARGS
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from PIL import Image
 
-from anomalib_dsr.benchmark import (
+from anomalib_dsr.workflows.benchmark import (
     TEXTURE_MARKER,
     BenchmarkConfigError,
     build_model,

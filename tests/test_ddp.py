@@ -42,7 +42,7 @@ torch.set_num_threads(1)
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
-import anomalib_dsr.lightning_model as lightning_model
+import anomalib_dsr.model.lightning_model as lightning_model
 from anomalib_dsr import Dsr
 
 data_root, vq, out = sys.argv[1:4]

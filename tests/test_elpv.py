@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalib_dsr.elpv import prepare_elpv
+from anomalib_dsr.workflows.elpv import prepare_elpv
 
 # (type, probability) → count in the stand-in
 COUNTS = {("mono", 0.0): 10, ("mono", 1.0): 6, ("mono", 1 / 3): 3, ("poly", 0.0): 20, ("poly", 1.0): 4, ("poly", 2 / 3): 2}

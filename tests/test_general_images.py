@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from anomalib_dsr.demo import DemoSettings
-from anomalib_dsr.demo_data import TEXTURES, _texture
-from anomalib_dsr.general_images import GENERAL_VQ_FILE, GENERAL_VQ_WIDTHS, GeneralImages, general_photos, photo_names
-from anomalib_dsr.original_format import VQ_FORMAT, load_original_state, read_state_dict
-from anomalib_dsr.vq_vae import GeneralVQVAE
+from anomalib_dsr.workflows.demo import DemoSettings
+from anomalib_dsr.workflows.demo_data import TEXTURES, _texture
+from anomalib_dsr.model.general_images import GENERAL_VQ_FILE, GENERAL_VQ_WIDTHS, GeneralImages, general_photos, photo_names
+from anomalib_dsr.checkpoints.original_format import VQ_FORMAT, load_original_state, read_state_dict
+from anomalib_dsr.model.vq_vae import GeneralVQVAE
 
 
 def test_photos_load_without_network(monkeypatch: pytest.MonkeyPatch) -> None:

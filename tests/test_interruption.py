@@ -25,7 +25,7 @@ from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from anomalib_dsr.pretraining import pretrain_vq
+from anomalib_dsr.model.pretraining import pretrain_vq
 
 from conftest import CATEGORY, IMAGE_SIZE, TINY_WIDTHS, TRAINER_KWARGS, VQ_WIDTHS, StopAt
 

@@ -9,7 +9,7 @@ import torch
 from anomalib.engine import Engine
 from PIL import Image
 
-from anomalib_dsr.learning_curve import LearningCurve, evaluate, save_curve_chart
+from anomalib_dsr.workflows.learning_curve import LearningCurve, evaluate, save_curve_chart
 from conftest import TRAINER_KWARGS
 
 

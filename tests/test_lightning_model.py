@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torchvision.transforms.v2 import Compose, Normalize, Resize
 
 from anomalib_dsr import Dsr
-from anomalib_dsr.original_format import VQ_FORMAT, original_state, read_state_dict
+from anomalib_dsr.checkpoints.original_format import VQ_FORMAT, original_state, read_state_dict
 
 from conftest import IMAGE_SIZE, TRAINER_KWARGS, StopAt
 
@@ -167,7 +167,7 @@ def test_missing_vq_file_names_path_and_pretrain_command(make_dsr, make_datamodu
         engine(tmp_path, max_steps=4).fit(make_dsr(vq_weights=missing), datamodule=make_datamodule())
 
     # Without vq_weights, anomalib's pretrained-weights folder is used (never downloaded).
-    monkeypatch.setattr("anomalib_dsr.lightning_model.get_pretrained_weights_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr("anomalib_dsr.model.lightning_model.get_pretrained_weights_dir", lambda: tmp_path / "cache")
     with pytest.raises(FileNotFoundError) as error:
         make_dsr(vq_weights=None).load_vq_weights()
     assert str(tmp_path / "cache" / "dsr" / "vq_model_pretrained_128_4096.pckl") in str(error.value)
@@ -226,3 +226,27 @@ def test_vq_is_loaded_even_if_the_trainer_last_ran_from_a_checkpoint(make_dsr, m
     state = read_state_dict(vq_weights)
     for key, value in original_state(second.model.vq, VQ_FORMAT).items():
         assert torch.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("extra_eval_module", [False, True], ids=["frozen_vq_only", "another_module_in_eval"])
+def test_eval_mode_warning_only_for_modules_other_than_the_frozen_vq(
+    make_dsr, make_datamodule, tmp_path, extra_eval_module: bool
+):
+    """Lightning's "module(s) in eval mode" warning is silent for the frozen VQ-VAE alone, still raised when
+    another module is left in eval mode, and the filter does not outlive the start of training."""
+    import warnings
+
+    model = make_dsr()
+    if extra_eval_module:
+        model.model.upsampling.encoder.block1.eval()  # a Sequential and its 6 layers
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine(tmp_path, max_steps=2).fit(model, datamodule=make_datamodule())
+        remaining = list(warnings.filters)
+    eval_warnings = [str(w.message) for w in caught if "in eval mode at the start of training" in str(w.message)]
+    if extra_eval_module:
+        expected = len(list(model.model.vq.modules())) + 7
+        assert len(eval_warnings) == 1 and eval_warnings[0].startswith(f"Found {expected} module(s)"), eval_warnings
+    else:
+        assert eval_warnings == []
+    assert not any(f[1] is not None and "in eval mode" in f[1].pattern for f in remaining)

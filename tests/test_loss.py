@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomalib_dsr.loss import DsrLoss, FocalLoss
-from anomalib_dsr.torch_model import RestrictionTrainingOutput
+from anomalib_dsr.model.loss import DsrLoss, FocalLoss
+from anomalib_dsr.model.torch_model import RestrictionTrainingOutput
 
 SMOOTH = 1e-5
 

@@ -11,8 +11,8 @@ from anomalib.data import ImageBatch
 from anomalib.metrics import AUPR, AUROC
 
 from anomalib_dsr.cli import main as dsr_cli
-from anomalib_dsr.paper_protocol import CentreCropAUPR, CentreCropAUROC, PaperEvaluator, centre_crop
-from anomalib_dsr.paper_table import PAPER_IMAGE_AUROC, paper_table, parse_result, read_metrics
+from anomalib_dsr.workflows.paper_protocol import CentreCropAUPR, CentreCropAUROC, PaperEvaluator, centre_crop
+from anomalib_dsr.workflows.paper_table import PAPER_IMAGE_AUROC, paper_table, parse_result, read_metrics
 
 CONFIG = Path(__file__).parents[1] / "configs" / "eval" / "paper_protocol.yaml"
 
@@ -81,7 +81,7 @@ def test_paper_protocol_config_with_anomalib_test(tmp_path: Path, demo_root: Pat
     from anomalib.cli import AnomalibCLI
 
     from anomalib_dsr import DsrModel
-    from anomalib_dsr.original_checkpoint import import_original, save_original
+    from anomalib_dsr.checkpoints.original_checkpoint import import_original, save_original
 
     save_original(DsrModel(**tiny_widths), tmp_path / "original", "gravel")
     ckpt = import_original(tmp_path / "original", "gravel", tmp_path / "model.ckpt")

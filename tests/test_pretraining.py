@@ -12,9 +12,9 @@ from PIL import Image
 
 from anomalib_dsr import Dsr
 from anomalib_dsr.cli import main as dsr_cli
-from anomalib_dsr.original_format import VQ_FORMAT, WeightsError, load_original_state, original_state, read_state_dict
-from anomalib_dsr.pretraining import ImageFolders, pretrain_vq
-from anomalib_dsr.vq_vae import GeneralVQVAE
+from anomalib_dsr.checkpoints.original_format import VQ_FORMAT, WeightsError, load_original_state, original_state, read_state_dict
+from anomalib_dsr.model.pretraining import ImageFolders, pretrain_vq
+from anomalib_dsr.model.vq_vae import GeneralVQVAE
 
 from conftest import CATEGORY, IMAGE_SIZE, TRAINER_KWARGS, VQ_WIDTHS
 
@@ -182,7 +182,7 @@ def test_general_pretraining_from_the_command_line_logs_codebook_usage(
     """`pretrain-vq --general` trains on the photographs packages ship and logs how many codes are used."""
     output = tmp_path / "general" / "vq.pckl"
     widths = [arg for name, value in VQ_WIDTHS.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
-    with caplog.at_level("INFO", logger="anomalib_dsr.pretraining"):
+    with caplog.at_level("INFO", logger="anomalib_dsr.model.pretraining"):
         dsr_cli(["pretrain-vq", "--general", "--output", str(output), "--image-size", "64", "--max-steps", "3",
                  "--batch-size", "4", "--num-workers", "0", "--accelerator", "cpu", *widths])  # fmt: skip
     usage = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Codebook usage"))

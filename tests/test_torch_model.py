@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from anomalib.data import InferenceBatch
 
-from anomalib_dsr.loss import DsrLoss
-from anomalib_dsr.torch_model import DsrModel, RestrictionTrainingOutput, score_window_for
+from anomalib_dsr.model.loss import DsrLoss
+from anomalib_dsr.model.torch_model import DsrModel, RestrictionTrainingOutput, score_window_for
 
 SIZE = 64
 
@@ -207,3 +207,37 @@ def test_bad_input_shapes_raise_clear_errors(model: DsrModel, shape: tuple[int, 
     if len(shape) == 4:
         with pytest.raises(ValueError, match=match):
             model.train().forward_restriction_training(images, torch.zeros(shape[0], 1, *shape[-2:]))
+
+
+def record_codes(model: DsrModel) -> list[torch.Tensor]:
+    """Record the indices of every quantisation of ``model`` (both codebooks, in call order)."""
+    seen: list[torch.Tensor] = []
+    for codebook in (model.vq.codebook_lo, model.vq.codebook_hi):
+        nearest = codebook.nearest
+
+        def recorded(z: torch.Tensor, nearest=nearest) -> torch.Tensor:
+            seen.append(nearest(z))
+            return seen[-1]
+
+        codebook.nearest = recorded
+    return seen
+
+
+def test_bf16_autocast_keeps_fp32_codes(model: DsrModel) -> None:
+    """Under bf16 autocast the VQ encoders and restriction modules stay in float32: all four code choices are
+    fp32's, while the decoders and U-Nets do run in bf16 (the map moves; how far matters only for a trained model,
+    whose metrics benchmarks/bf16_accuracy.py compares: random U-Nets amplify any rounding)."""
+    model.eval()
+    codes = record_codes(model)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fp32 = model(images)
+        fp32_codes = list(codes)
+        codes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(images)
+    assert len(fp32_codes) == len(codes) == 4
+    for ours, reference in zip(codes, fp32_codes, strict=True):
+        assert torch.equal(ours, reference)
+    difference = (bf16.anomaly_map.float() - fp32.anomaly_map).abs()
+    assert difference.max() > 0 and torch.isfinite(bf16.anomaly_map).all()

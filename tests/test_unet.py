@@ -1,4 +1,4 @@
-"""The U-Nets' InstanceNorm (``anomalib_dsr.unet.InstanceNorm2d``): as accurate as ``nn.InstanceNorm2d`` against
+"""The U-Nets' InstanceNorm (``anomalib_dsr.model.unet.InstanceNorm2d``): as accurate as ``nn.InstanceNorm2d`` against
 float64, on channels of large mean and tiny spread too, in both memory layouts and in a captured graph; the
 same values and gradients; its input overwritten only when asked. The U-Nets' Winograd convolution
 (``WinogradConv2d``): taken only at inference, near float64 there, ``nn.Conv2d`` everywhere else."""
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_dsr.unet import InstanceNorm2d, MaxPool2x2, UNet, WinogradConv2d, winograd_threads
+from anomalib_dsr.model.unet import InstanceNorm2d, MaxPool2x2, UNet, WinogradConv2d, winograd_threads
 
 LAYOUTS = pytest.mark.parametrize(
     "layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"]

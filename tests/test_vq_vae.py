@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from anomalib_dsr.vq_vae import EMACodebook
+from anomalib_dsr.model.vq_vae import EMACodebook
 
 
 def test_nearest_in_blocks_gives_the_indices_of_the_whole_distance_matrix() -> None:

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,14 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torchvision.transforms.v2 import Compose, Normalize, Resize, Transform
 
-from anomalib_dsr.anomaly_generator import ImageAnomalyGenerator, perlin_masks, random_rotate
-from anomalib_dsr.data_check import check_datamodule
-from anomalib_dsr.loss import DsrLoss
-from anomalib_dsr.original_format import VQ_FILE_NAME, VQ_FORMAT, WeightsError, load_original_state, read_state_dict
-from anomalib_dsr.torch_model import DsrModel, check_image_size
+from anomalib_dsr.model.anomaly_generator import ImageAnomalyGenerator, perlin_masks, random_rotate
+from anomalib_dsr.model.data_check import check_datamodule
+from anomalib_dsr.model.loss import DsrLoss
+from anomalib_dsr.checkpoints.original_format import VQ_FILE_NAME, VQ_FORMAT, WeightsError, load_original_state, read_state_dict
+from anomalib_dsr.model.torch_model import DsrModel, check_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +144,7 @@ class Dsr(AnomalibModule):
         )
         self.loss = DsrLoss()
         self.image_anomalies = ImageAnomalyGenerator()
+        self._frozen_vq_filter: tuple | None = None  # see _quiet_frozen_vq_warning
         self.phase2_steps: int | None = None  # fixed when fitting starts, kept in checkpoints
         # Non-finite loss checks: immediate on CPU; deferred by one step elsewhere (None: decide by device).
         self.sync_free_checks: bool | None = None
@@ -182,11 +185,26 @@ class Dsr(AnomalibModule):
         super().on_fit_start()
         if self.trainer.ckpt_path is None:
             self.load_vq_weights()
+        self._quiet_frozen_vq_warning()
+
+    def _quiet_frozen_vq_warning(self) -> None:
+        """Silence Lightning's "Found N module(s) in eval mode at the start of training" when those N modules are
+        exactly the general VQ-VAE's: it is frozen in eval mode on purpose (SPEC §4: its codebooks must not move).
+        Lightning warns between ``on_fit_start`` and ``on_train_start``; :meth:`on_train_start` removes the filter,
+        and any other module left in eval mode changes N and still warns."""
+        frozen = [name for name, module in self.named_modules() if not module.training]
+        if frozen and all(name.startswith("model.vq") for name in frozen):
+            message = rf"Found {len(frozen)} module\(s\) in eval mode at the start of training"
+            warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
+            self._frozen_vq_filter = warnings.filters[0]
 
     def on_train_start(self) -> None:
         """With several processes (DDP), give each rank its own random stream, so that ranks simulate
         different anomalies: Lightning seeds every rank alike, and a resumed run restores rank 0's state
         everywhere. The per-rank seed is drawn from that common state, so runs stay reproducible."""
+        if self._frozen_vq_filter in warnings.filters:
+            warnings.filters.remove(self._frozen_vq_filter)
+        self._frozen_vq_filter = None
         if self.trainer.world_size > 1:
             base = int(torch.randint(2**62, (), dtype=torch.int64))  # the same on every rank
             torch.manual_seed(base + self.trainer.global_rank)
@@ -320,7 +338,7 @@ class Dsr(AnomalibModule):
 
     @torch.no_grad()
     def curve_predictions(self, images: torch.Tensor) -> InferenceBatch:
-        """What a learning curve (:mod:`anomalib_dsr.learning_curve`) scores: the model's outputs, except that
+        """What a learning curve (:mod:`anomalib_dsr.workflows.learning_curve`) scores: the model's outputs, except that
         until the upsampling module has trained a step the anomaly map is P_lo's anomaly channel ``(B, H, W)``."""
         if self.phase2_steps is None or self.global_step > self.phase2_steps:
             return self.model(images)

@@ -17,10 +17,10 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
-from anomalib_dsr.demo_data import make_demo_dataset
-from anomalib_dsr.general_images import GENERAL_VQ_FILE, GENERAL_VQ_WIDTHS
-from anomalib_dsr.learning_curve import LearningCurve, save_curve_chart
-from anomalib_dsr.lightning_model import Dsr
+from anomalib_dsr.workflows.demo_data import make_demo_dataset
+from anomalib_dsr.model.general_images import GENERAL_VQ_FILE, GENERAL_VQ_WIDTHS
+from anomalib_dsr.workflows.learning_curve import LearningCurve, save_curve_chart
+from anomalib_dsr.model.lightning_model import Dsr
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_dsr.graph_capture import capturing_graph
+from anomalib_dsr.model.graph_capture import capturing_graph
 
 
 class ResidualBlock(nn.Module):
@@ -272,7 +272,15 @@ class GeneralVQVAE(nn.Module):
         return self.pre_quant_hi(torch.cat((features_hi, up_lo), dim=1))
 
     def encode(self, images: torch.Tensor) -> Encoded:
-        """Images ``(B, 3, H, W)`` (BGR, sides multiples of 8) → both quantised levels, no statistics."""
+        """Images ``(B, 3, H, W)`` (BGR, sides multiples of 8) → both quantised levels, no statistics.
+
+        Always in float32, also under autocast: features rounded to bf16 (3 significant digits) move many of them
+        to another code, and every later stage follows the codes.
+        """
+        with torch.autocast(images.device.type, enabled=False):
+            return self._encode(images.float())
+
+    def _encode(self, images: torch.Tensor) -> Encoded:
         features_hi = self.encoder_hi(images)
         z_lo = self.pre_quant_lo(self.encoder_lo(features_hi))
         q_lo = self.codebook_lo.quantize(z_lo)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomalib_dsr.unet import MaxPool2x2, double_conv, up_conv
+from anomalib_dsr.model.unet import MaxPool2x2, double_conv, up_conv
 
 
 class RestrictionEncoder(nn.Module):

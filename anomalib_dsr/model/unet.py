@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_dsr.graph_capture import capturing_graph
+from anomalib_dsr.model.graph_capture import capturing_graph
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):

@@ -34,8 +34,8 @@ import lightning.pytorch as pl
 import torch
 from anomalib.data import AnomalibDataModule
 
-from anomalib_dsr.lightning_model import Dsr
-from anomalib_dsr.original_format import (
+from anomalib_dsr.model.lightning_model import Dsr
+from anomalib_dsr.checkpoints.original_format import (
     ALL_FORMATS,
     VQ_FILE_NAME,
     VQ_FORMAT,
@@ -46,7 +46,7 @@ from anomalib_dsr.original_format import (
     original_state,
     read_state_dict,
 )
-from anomalib_dsr.torch_model import DsrModel
+from anomalib_dsr.model.torch_model import DsrModel
 
 PAPER_PHASE2_STEPS = 100_000  # SPEC §4: the released modules had 100,000 phase-2 and 50,000 phase-3 steps
 

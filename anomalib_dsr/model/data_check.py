@@ -105,7 +105,7 @@ def check_datamodule(datamodule: Any, transform: Any = None) -> int:
     augmentations followed by ``transform`` (the pre-processor's; ``None``: none) turn some image size
     into one DSR cannot process.
     """
-    from anomalib_dsr.torch_model import check_image_size
+    from anomalib_dsr.model.torch_model import check_image_size
 
     start = time.perf_counter()
     train = getattr(datamodule, "train_data", None)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_dsr.torch_model import RestrictionTrainingOutput
+from anomalib_dsr.model.torch_model import RestrictionTrainingOutput
 
 
 class FocalLoss(nn.Module):

@@ -50,13 +50,13 @@ from anomalib.utils.logging import hide_output
 from lightning.pytorch import Callback, seed_everything
 from PIL import Image
 
-from anomalib_dsr.demo_data import make_demo_dataset
-from anomalib_dsr.elpv import prepare_elpv
-from anomalib_dsr.general_images import general_photos, photo_names
-from anomalib_dsr.learning_curve import LearningCurve, save_curve_chart
-from anomalib_dsr.lightning_model import Dsr
-from anomalib_dsr.paper_table import PAPER_IMAGE_AUROC
-from anomalib_dsr.pretraining import pretrain_vq
+from anomalib_dsr.workflows.demo_data import make_demo_dataset
+from anomalib_dsr.workflows.elpv import prepare_elpv
+from anomalib_dsr.model.general_images import general_photos, photo_names
+from anomalib_dsr.workflows.learning_curve import LearningCurve, save_curve_chart
+from anomalib_dsr.model.lightning_model import Dsr
+from anomalib_dsr.workflows.paper_table import PAPER_IMAGE_AUROC
+from anomalib_dsr.model.pretraining import pretrain_vq
 
 logger = logging.getLogger(__name__)
 

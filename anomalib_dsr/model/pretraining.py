@@ -21,10 +21,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as TF
 
-from anomalib_dsr.data_check import check_image_files
-from anomalib_dsr.general_images import GeneralImages
-from anomalib_dsr.original_format import VQ_FORMAT, original_state
-from anomalib_dsr.vq_vae import GeneralVQVAE
+from anomalib_dsr.model.data_check import check_image_files
+from anomalib_dsr.model.general_images import GeneralImages
+from anomalib_dsr.checkpoints.original_format import VQ_FORMAT, original_state
+from anomalib_dsr.model.vq_vae import GeneralVQVAE
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def pretrain_vq(
     """Pretrain the general VQ-VAE and write ``output`` in the original tensor layout.
 
     The images are every image under the folders ``images``, or with ``general`` (and ``images=None``) the
-    augmented photographs installed packages ship (:mod:`anomalib_dsr.general_images`, no download).
+    augmented photographs installed packages ship (:mod:`anomalib_dsr.model.general_images`, no download).
     Defaults follow the authors' later recipe (256x256, batch 64, 100k steps). Checkpoints go to
     ``checkpoint_dir`` (default: beside ``output``); with ``resume`` a run continues from ``last.ckpt``.
     The share of each codebook in use at the end is logged.

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from anomalib.data.utils.generators import generate_perlin_noise
 
-from anomalib_dsr.vq_vae import EMACodebook
+from anomalib_dsr.model.vq_vae import EMACodebook
 
 
 def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from anomalib.data import InferenceBatch
 from torch import nn
 
-from anomalib_dsr.anomaly_generator import LatentAnomalyGenerator, blocky
-from anomalib_dsr.graph_capture import capturing_graph
-from anomalib_dsr.object_decoder import ObjectSpecificDecoder
-from anomalib_dsr.subspace_restriction import SubspaceRestriction
-from anomalib_dsr.unet import UNet, init_normal_
-from anomalib_dsr.vq_vae import Encoded, GeneralVQVAE
+from anomalib_dsr.model.anomaly_generator import LatentAnomalyGenerator, blocky
+from anomalib_dsr.model.graph_capture import capturing_graph
+from anomalib_dsr.model.object_decoder import ObjectSpecificDecoder
+from anomalib_dsr.model.subspace_restriction import SubspaceRestriction
+from anomalib_dsr.model.unet import UNet, init_normal_
+from anomalib_dsr.model.vq_vae import Encoded, GeneralVQVAE
 
 
 def check_image_size(height: int, width: int) -> None:
@@ -107,7 +107,7 @@ class DsrModel(nn.Module):
         channels_last: weights and input in the ``channels_last`` memory layout, in training too (the layout
             tensor cores and oneDNN's bf16 kernels work in); slower on this project's CPU (README "Speed").
             Inference on CPU runs the U-Nets' and D_spc's 3x3 convolutions as Winograd convolutions either way
-            (:class:`~anomalib_dsr.unet.WinogradConv2d`).
+            (:class:`~anomalib_dsr.model.unet.WinogradConv2d`).
     """
 
     def __init__(
@@ -159,18 +159,29 @@ class DsrModel(nn.Module):
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         return self.to_vq_input(images).contiguous(memory_format=layout)
 
-    def restore(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Subspace restriction and D_spc: returns F̃_lo, F̃_hi and I_spc ``(B, 3, H, W)``."""
+    def restrict(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Subspace restriction and re-quantisation: F̃_lo, F̃_hi and D_spc's input [up(Q̃_lo), Q̃_hi] ``(B, 2D, H/4, W/4)``."""
         restricted_lo = self.restriction_lo(q_lo)
         restricted_hi = self.restriction_hi(q_hi)
         joined = self.vq.join(self.vq.codebook_lo.quantize(restricted_lo), self.vq.codebook_hi.quantize(restricted_hi))
+        return restricted_lo, restricted_hi, joined
+
+    def restore(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Subspace restriction and D_spc: returns F̃_lo, F̃_hi and I_spc ``(B, 3, H, W)``."""
+        restricted_lo, restricted_hi, joined = self.restrict(q_lo, q_hi)
         return restricted_lo, restricted_hi, self.object_decoder(joined)
 
     def detect(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Steps 1–5 on RGB images: returns I_spc, I_gen and P_lo = softmax(M_lo) ``(B, 2, H, W)``."""
+        """Steps 1–5 on RGB images: returns I_spc, I_gen and P_lo = softmax(M_lo) ``(B, 2, H, W)``.
+
+        Under bf16 autocast everything up to the last code choice (the VQ encoders and the restriction modules) still
+        runs in float32, so the codes are fp32's; the decoders and U-Nets, most of the work, run in bf16.
+        """
         encoded = self.vq.encode(self.vq_input(images))
+        with torch.autocast(images.device.type, enabled=False):
+            _, _, joined = self.restrict(encoded.q_lo, encoded.q_hi)
         image_gen = self.vq.decoder(torch.cat((encoded.up_lo, encoded.q_hi), dim=1))  # = D_gen(join(Q_lo, Q_hi))
-        _, _, image_spc = self.restore(encoded.q_lo, encoded.q_hi)
+        image_spc = self.object_decoder(joined)
         probs_lo = self.anomaly_detection(torch.cat((image_spc, image_gen), dim=1)).softmax(dim=1)
         return image_spc, image_gen, probs_lo
 

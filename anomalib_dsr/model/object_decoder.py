@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomalib_dsr.unet import MaxPool2x2, double_conv, init_normal_, winograd_threads
-from anomalib_dsr.vq_vae import ImageDecoder
+from anomalib_dsr.model.unet import MaxPool2x2, double_conv, init_normal_, winograd_threads
+from anomalib_dsr.model.vq_vae import ImageDecoder
 
 
 class ObjectSpecificDecoder(nn.Module):

@@ -103,5 +103,5 @@ class GeneralImages(Dataset):
 #   anomalib-dsr pretrain-vq --general --image-size 128 --max-steps 3000 --batch-size 16 --num-workers 0 \
 #       --channels 32 --res-hidden 16 --num-embeddings 1024 --embedding-dim 32 --seed 0 --no-resume \
 #       --output anomalib_dsr/weights/vq_general_32_1024.pckl
-GENERAL_VQ_FILE = Path(__file__).parent / "weights" / "vq_general_32_1024.pckl"
+GENERAL_VQ_FILE = Path(__file__).parents[1] / "weights" / "vq_general_32_1024.pckl"
 GENERAL_VQ_WIDTHS = {"channels": 32, "res_hidden": 16, "num_embeddings": 1024, "embedding_dim": 32}
