@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_dsr.model.unet import InstanceNorm2d, MaxPool2x2, UNet, WinogradConv2d, winograd_threads
+from anomalib_dsr.model.unet import InstanceNorm2d, MaxPool2x2, UNet, WinogradConv2d, convolution_section
 
 LAYOUTS = pytest.mark.parametrize(
     "layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"]
@@ -116,27 +116,57 @@ def test_max_pool_without_autograd_has_max_pool2d_values_and_keeps_its_gradient(
     assert set(grad.unique().tolist()) == {0.0, 1.0}
 
 
-def test_winograd_threads_only_around_batch_one_inference_and_restored() -> None:
-    """One torch thread inside the section only for a batch of one image in Winograd inference; the calling
-    thread's count comes back, also after an exception; a U-Net's output does not depend on it."""
+def test_convolution_section_sets_threads_and_choice_and_restores_them() -> None:
+    """One torch thread inside a Winograd section on one image only; oneDNN sections and batches keep the count; the
+    calling thread's count and the choice come back, also after an exception."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        unet = UNet(3, width=4).eval()
+        conv = WinogradConv2d(3, 4).eval()
         one, two = torch.rand(1, 3, 32, 32), torch.rand(2, 3, 32, 32)
         seen = []
         with torch.no_grad():
-            for x in (one, two):
-                with winograd_threads(unet, x):
-                    seen.append(torch.get_num_threads())
-        with winograd_threads(unet, one):  # autograd on
-            seen.append(torch.get_num_threads())
-        assert seen == [1, 2, 2]
-        with pytest.raises(RuntimeError, match="inside"), torch.no_grad(), winograd_threads(unet, one):
-            raise RuntimeError("inside")
-        assert torch.get_num_threads() == 2
-        with torch.no_grad():
-            batched = unet(torch.cat((one, one)))
-            assert torch.equal(unet(one)[0], batched[0])
+            for x, winograd in ((one, True), (two, True), (one, False)):
+                with convolution_section(x, winograd=winograd):
+                    seen.append((torch.get_num_threads(), torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))))
+            assert seen == [(1, False), (2, False), (2, True)]  # oneDNN: nn.Conv2d's exact values
+            with pytest.raises(RuntimeError, match="inside"), convolution_section(one, winograd=True):
+                raise RuntimeError("inside")
+            assert torch.get_num_threads() == 2
+            assert not torch.equal(conv(one), F.conv2d(one, conv.weight, conv.bias, padding=1))  # Winograd again
     finally:
         torch.set_num_threads(threads)
+
+
+def test_run_fastest_measures_once_per_shape_and_keeps_the_faster(monkeypatch, caplog) -> None:
+    """The first inference call of a U-Net per input shape times both paths and logs them; later calls reuse the
+    choice; the output is the chosen path's; training and autograd never measure."""
+    import anomalib_dsr.model.unet as unet_module
+
+    torch.manual_seed(0)
+    unet = UNet(3, width=4).eval()
+    one = torch.rand(1, 3, 32, 32)
+    measured: list[tuple[int, ...]] = []
+    original = unet_module._winograd_is_faster
+    for faster in (True, False):
+        unet_module._FASTEST.pop(unet, None)
+
+        def fake(module, x, body, faster=faster):
+            measured.append(tuple(x.shape))
+            return faster
+
+        monkeypatch.setattr(unet_module, "_winograd_is_faster", fake)
+        with torch.no_grad():
+            first, second = unet(one), unet(one)
+            with convolution_section(one, winograd=faster):
+                expected = unet.decoder(*unet.encoder(one))
+        assert torch.equal(first, second) and torch.equal(first, expected)
+    assert measured == [(1, 3, 32, 32)] * 2
+    unet(one)  # autograd on: no measurement
+    assert len(measured) == 2
+
+    monkeypatch.setattr(unet_module, "_winograd_is_faster", original)
+    unet_module._FASTEST.pop(unet, None)
+    with caplog.at_level("INFO", logger="anomalib_dsr.model.unet"), torch.no_grad():
+        unet(one)
+    assert "UNet on (1, 3, 32, 32): NNPACK Winograd" in caplog.text and "oneDNN" in caplog.text

@@ -86,8 +86,9 @@ class Dsr(AnomalibModule):
             without native bf16; on GPUs it is the layout tensor cores use, not measured here (README, "Speed").
             Inference on CPU runs the U-Nets' and D_spc's 3x3 convolutions as Winograd convolutions either way.
 
-    Mixed precision: ``Engine(precision="bf16-mixed")`` (or ``Trainer``) trains under bf16 autocast; the VQ
-    distances and code choices stay in fp32, so codes match an fp32 run.
+    Mixed precision: ``Engine(precision="bf16-mixed")`` (or ``Trainer``) trains and tests under bf16 autocast; the
+    general VQ-VAE's encoders and distances stay in fp32 (so do the restriction modules at inference), so the codes
+    are an fp32 run's; the decoders and U-Nets run in bf16 (docs/speed.md has its speed and accuracy).
     """
 
     def __init__(

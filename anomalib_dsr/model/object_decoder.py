@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anomalib_dsr.model.unet import MaxPool2x2, double_conv, init_normal_, winograd_threads
+from anomalib_dsr.model.unet import MaxPool2x2, double_conv, init_normal_, run_fastest
 from anomalib_dsr.model.vq_vae import ImageDecoder
 
 
@@ -31,8 +31,7 @@ class ObjectSpecificDecoder(nn.Module):
         init_normal_(self)  # SPEC §2: N(0, 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with winograd_threads(self, x):
-            x = self.pool(self.block2(self.pool(self.block1(x))))
+        x = run_fastest(self, x, lambda x: self.pool(self.block2(self.pool(self.block1(x)))))
         x = torch.relu_(self.upblock1(self.bottleneck(x)))
         x = torch.relu_(self.upblock2(x))
         return self.decoder(x)

@@ -175,13 +175,19 @@ class DsrModel(nn.Module):
         """Steps 1–5 on RGB images: returns I_spc, I_gen and P_lo = softmax(M_lo) ``(B, 2, H, W)``.
 
         Under bf16 autocast everything up to the last code choice (the VQ encoders and the restriction modules) still
-        runs in float32, so the codes are fp32's; the decoders and U-Nets, most of the work, run in bf16.
+        runs in float32, so the codes are fp32's; the decoders and U-Nets, most of the work, run in bf16 and in the
+        channels_last layout of oneDNN's bf16 kernels (NCHW costs a transposing copy around each convolution: a
+        paper-width batch-1 call took 0.75 s against 0.56 s on an Intel Xeon with AMX).
         """
+        device = images.device.type
         encoded = self.vq.encode(self.vq_input(images))
-        with torch.autocast(images.device.type, enabled=False):
-            _, _, joined = self.restrict(encoded.q_lo, encoded.q_hi)
-        image_gen = self.vq.decoder(torch.cat((encoded.up_lo, encoded.q_hi), dim=1))  # = D_gen(join(Q_lo, Q_hi))
-        image_spc = self.object_decoder(joined)
+        with torch.autocast(device, enabled=False):
+            _, _, joined_spc = self.restrict(encoded.q_lo, encoded.q_hi)
+        joined_gen = torch.cat((encoded.up_lo, encoded.q_hi), dim=1)  # = join(Q_lo, Q_hi)
+        if torch.is_autocast_enabled(device):
+            joined_gen, joined_spc = (x.contiguous(memory_format=torch.channels_last) for x in (joined_gen, joined_spc))
+        image_gen = self.vq.decoder(joined_gen)
+        image_spc = self.object_decoder(joined_spc)
         probs_lo = self.anomaly_detection(torch.cat((image_spc, image_gen), dim=1)).softmax(dim=1)
         return image_spc, image_gen, probs_lo
 

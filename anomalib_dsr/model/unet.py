@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from anomalib_dsr.model.graph_capture import capturing_graph
+
+logger = logging.getLogger(__name__)
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):
@@ -43,6 +50,18 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if capturing_graph():
             return super().forward(x - x.mean(dim=(2, 3), keepdim=True))
+        if torch.is_grad_enabled():
+            return self._normalise(x)
+        # At inference a bf16 input (autocast) is normalised in bf16 by group_norm, which accumulates in fp32: autocast
+        # would run it in fp32, a copy of every activation there and back, and centring first buys nothing at bf16's
+        # 3 significant digits (the mean of a bf16 channels_last map costs more than the normalisation). Training
+        # keeps autocast's choices.
+        with torch.autocast(x.device.type, enabled=False):
+            if x.dtype == torch.bfloat16:
+                return F.group_norm(x, x.shape[1], eps=self.eps)
+            return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         # No gradient through the mean: the output does not depend on it.
         mean = x.mean(dim=(2, 3), keepdim=True).detach()
         centred = x.sub_(mean) if self.inplace else x - mean
@@ -58,7 +77,7 @@ class InstanceNorm2d(nn.InstanceNorm2d):
 def _nnpack_ready() -> bool:
     """Whether NNPACK is built in. Asking initialises it, without which its convolution fails, and a first tiny
     convolution creates its thread pool, which keeps the size torch's thread count has then (so never inside
-    :func:`winograd_threads`)."""
+    :func:`convolution_section`)."""
     if not torch.backends.nnpack.is_available():
         return False
     torch._nnpack_spatial_convolution(torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3), None, (1, 1))
@@ -79,44 +98,85 @@ def winograd_inference(module: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-@contextmanager
-def winograd_threads(module: nn.Module, x: torch.Tensor) -> Iterator[None]:
-    """Around a run of Winograd convolutions on one image ``x`` ``(1, C, h, w)``: torch's other ops (InstanceNorm,
-    ReLU, pooling, upsampling, cat) run on the calling thread only, the convolutions on all of NNPACK's threads.
+# Whether WinogradConv2d layers run NNPACK in the current section (see run_fastest); outside sections they do.
+_WINOGRAD: ContextVar[bool] = ContextVar("dsr_winograd", default=True)
+# Per module, the measured choice by (input shape, torch threads): True = NNPACK's Winograd, False = oneDNN's.
+_FASTEST: WeakKeyDictionary[nn.Module, dict[tuple[tuple[int, ...], int], bool]] = WeakKeyDictionary()
 
-    NNPACK has its own thread pool beside torch's OpenMP threads, and the idle workers of each spin for some
-    milliseconds (about 8 for OpenMP's, 3.5 for NNPACK's on this project's CPU) after each use, taking a core from
-    the other pool's work. At batch 1 avoiding that outweighs running the cheap ops on one thread: a paper-width
-    model took 1.20 s instead of 1.34 s per image on 2 cores. At batch 8 it does not (10.1 s against 8.6 s), so larger
-    batches, training and any other case keep torch's thread count. Restores the calling thread's count on exit.
-    """
+
+@contextmanager
+def convolution_section(x: torch.Tensor, *, winograd: bool) -> Iterator[None]:
+    """Around a run of :class:`WinogradConv2d` layers on ``x``: NNPACK's Winograd convolutions if ``winograd``,
+    else ``nn.Conv2d``'s (oneDNN's). With Winograd on one image, torch's other ops (InstanceNorm, ReLU, pooling,
+    upsampling, cat) run on the calling thread only, the convolutions on all of NNPACK's threads: NNPACK has its own
+    thread pool beside torch's OpenMP threads, and the idle workers of each spin for some milliseconds after each use,
+    taking a core from the other pool's work. Restores the calling thread's count and the choice on exit."""
+    token = _WINOGRAD.set(winograd)
     threads = torch.get_num_threads()
-    if x.shape[0] != 1 or threads == 1 or not winograd_inference(module, x):
-        yield
-        return
-    torch.set_num_threads(1)
+    one_thread = winograd and x.shape[0] == 1 and threads > 1
+    if one_thread:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        if one_thread:
+            torch.set_num_threads(threads)
+        _WINOGRAD.reset(token)
+
+
+def run_fastest(module: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``body(x)``, a run of ``module``'s :class:`WinogradConv2d` layers, in the faster :func:`convolution_section`.
+
+    Which one is faster depends on the CPU, the shapes and the threads: on a 2-core AMD EPYC Zen 4 NNPACK's Winograd
+    made a paper-width U-Net about 1.4x faster at batch 1, on a 2-core Intel Xeon (Sapphire Rapids) oneDNN's direct
+    convolutions are as fast or faster (docs/speed.md). So, as cuDNN's benchmark mode does, the first inference call of
+    ``module`` for each input shape and thread count times both (alternating, best of two each) and keeps the faster;
+    the times are logged. Outside Winograd inference (:func:`winograd_inference`) ``body`` runs as it is.
+    """
+    if not winograd_inference(module, x):
+        return body(x)
+    choices = _FASTEST.setdefault(module, {})
+    key = (tuple(x.shape), torch.get_num_threads())
+    if key not in choices:
+        choices[key] = _winograd_is_faster(module, x, body)
+    with convolution_section(x, winograd=choices[key]):
+        return body(x)
+
+
+def _winograd_is_faster(module: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Time ``body(x)`` with NNPACK's and with oneDNN's convolutions: one warm-up each, then the best of two
+    alternating calls each."""
+    best = {True: math.inf, False: math.inf}
+    for timed, winograd in ((False, True), (False, False), (True, True), (True, False), (True, True), (True, False)):
+        with convolution_section(x, winograd=winograd):
+            start = time.perf_counter()
+            body(x)
+            if timed:
+                best[winograd] = min(best[winograd], time.perf_counter() - start)
+    logger.info(
+        "%s on %s: NNPACK Winograd %.1f ms, oneDNN %.1f ms per call: using %s",
+        type(module).__name__, tuple(x.shape), 1e3 * best[True], 1e3 * best[False],
+        "NNPACK Winograd" if best[True] < best[False] else "oneDNN",
+    )
+    return best[True] < best[False]
 
 
 class WinogradConv2d(nn.Conv2d):
     """Convolution 3x3, padding 1: ``(B, in, h, w)`` → ``(B, out, h, w)``. In inference on CPU in float32
-    (:func:`winograd_inference`) NNPACK's Winograd convolution, one image at a time (its inference algorithm);
-    otherwise ``nn.Conv2d``'s.
+    (:func:`winograd_inference`) NNPACK's Winograd convolution, one image at a time (its inference algorithm), unless
+    the enclosing :func:`run_fastest` measured oneDNN's to be faster; otherwise ``nn.Conv2d``'s.
 
-    For the modules after the last code choice only: about 2x faster than oneDNN's direct convolution at batch 1
-    on this project's CPU, with a float32 error about 10x larger (2e-5 of the output's scale against 2e-6), the
-    kind that cuDNN's Winograd kernels give on GPUs. Not for modules ahead of a quantiser, where that rounding could
-    flip a code at a tie: the subspace restriction modules keep ``nn.Conv2d``.
+    For the modules after the last code choice only: its float32 error is about 10x oneDNN's direct convolution's
+    (2e-5 of the output's scale against 2e-6), the kind that cuDNN's Winograd kernels give on GPUs. Not for modules
+    ahead of a quantiser, where that rounding could flip a code at a tie: the subspace restriction modules keep
+    ``nn.Conv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not winograd_inference(self, x):
+        if not (_WINOGRAD.get() and winograd_inference(self, x)):
             return super().forward(x)
         weight = self.weight.contiguous()  # NNPACK reads NCHW; Dsr(channels_last=True) keeps weights channels_last
         images = x.contiguous().split(1)
@@ -227,5 +287,4 @@ class UNet(nn.Module):
         self.decoder = UNetDecoder(width, out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with winograd_threads(self, x):
-            return self.decoder(*self.encoder(x))
+        return run_fastest(self, x, lambda x: self.decoder(*self.encoder(x)))
