@@ -184,7 +184,7 @@ class DsrModel(nn.Module):
         with torch.autocast(device, enabled=False):
             _, _, joined_spc = self.restrict(encoded.q_lo, encoded.q_hi)
         joined_gen = torch.cat((encoded.up_lo, encoded.q_hi), dim=1)  # = join(Q_lo, Q_hi)
-        if torch.is_autocast_enabled(device):
+        if torch.is_autocast_enabled(device) and not self.training:
             joined_gen, joined_spc = (x.contiguous(memory_format=torch.channels_last) for x in (joined_gen, joined_spc))
         image_gen = self.vq.decoder(joined_gen)
         image_spc = self.object_decoder(joined_spc)

@@ -50,12 +50,12 @@ class InstanceNorm2d(nn.InstanceNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if capturing_graph():
             return super().forward(x - x.mean(dim=(2, 3), keepdim=True))
-        if torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled():
             return self._normalise(x)
         # At inference a bf16 input (autocast) is normalised in bf16 by group_norm, which accumulates in fp32: autocast
         # would run it in fp32, a copy of every activation there and back, and centring first buys nothing at bf16's
         # 3 significant digits (the mean of a bf16 channels_last map costs more than the normalisation). Training
-        # keeps autocast's choices.
+        # (also phase 3's pass through the frozen phase-2 modules) keeps autocast's choices.
         with torch.autocast(x.device.type, enabled=False):
             if x.dtype == torch.bfloat16:
                 return F.group_norm(x, x.shape[1], eps=self.eps)
