@@ -2,13 +2,15 @@
 
 Rows: PyTorch FP32 (eager, no_grad), OpenVINO FP32 IR run with f32 inference precision, the same IR at the
 device's default precision (bf16 on CPUs with AMX, f32 elsewhere), the FP16 IR (``compression_type=FP16``,
-f16 weights) and the INT8 IR (``compression_type=INT8_PTQ``: NNCF post-training quantisation calibrated on
-the datamodule's images). Columns: median latency per image for 256x256 RGB input at batch 1 and batch 8,
-image AUROC and pixel AP on the demo dataset's test split, the largest normalised-score and map differences
-from PyTorch, the share of map pixels off by more than 1e-3, and how long the export took.
+f16 weights) at the default precision, and the INT8 IR (``compression_type=INT8_PTQ``: NNCF post-training
+quantisation calibrated on the normal training images, the code path unquantised, ``anomalib_dsr.export``) at
+the default and at f32 precision. Columns: median latency per image for 256x256 RGB input at batch 1 and
+batch 8, image AUROC and pixel AP on the demo dataset's test split, the largest normalised-score and map
+differences from PyTorch, the share of map pixels off by more than 1e-3, and how long the export took.
 
     python benchmarks/deploy_speed.py                     # demo settings (``make demo``), 256x256 model
     python benchmarks/deploy_speed.py --ckpt model.ckpt   # an already trained checkpoint (demo dataset)
+    python benchmarks/deploy_speed.py --paper-widths      # paper's widths at 256x256, random weights: speed only
     python benchmarks/deploy_speed.py --quick             # tiny model at 64x64, a few steps: checks the script
 """
 
@@ -35,10 +37,18 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model and few steps (a smoke run of the script)")
     parser.add_argument("--ckpt", type=Path, help="trained Dsr checkpoint to benchmark instead of training one")
+    parser.add_argument(
+        "--paper-widths", action="store_true",
+        help="untrained model at the paper's widths and 256x256 (INT8 calibrated on the demo training images): "
+        "latencies only, the accuracy columns stay empty",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, help="working folder (default: a temporary one)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for PyTorch and OpenVINO")
     parser.add_argument("--repeats", type=int, help="timed runs per measurement, median reported (default 20; --quick 3)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.paper_widths and (args.ckpt or args.quick):
+        parser.error("--paper-widths builds its own untrained model: leave out --ckpt and --quick")
+    return args
 
 
 def train(output: Path, quick: bool) -> tuple[object, object]:
@@ -118,6 +128,33 @@ def median_latency(run, batch: np.ndarray, repeats: int) -> float:
     return statistics.median(times) / len(batch)
 
 
+def untrained_paper_model():
+    """``Dsr`` at the paper's widths and 256x256 with random weights and the normalisation of a trained model's
+    range (scores and maps in [0, 1], thresholds at 0.5): anomalib's unset statistics are NaN, which leaves
+    NaN quantisation ranges in the INT8 graph and OpenVINO refuses to compile it."""
+    from anomalib_dsr import Dsr
+
+    model = Dsr(image_size=SIZE)
+    post = model.post_processor
+    for name in ("image_min", "pixel_min"):
+        getattr(post, name).fill_(0.0)
+    for name in ("image_max", "pixel_max"):
+        getattr(post, name).fill_(1.0)
+    post._image_threshold.fill_(0.5)  # noqa: SLF001
+    post._pixel_threshold.fill_(0.5)  # noqa: SLF001
+    return model
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: ``/proc/cpuinfo``, as ``lscpu`` prints it), else the architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     args = parse_args()
     args.repeats = args.repeats or (3 if args.quick else 20)
@@ -130,14 +167,14 @@ def main() -> None:
 
     output = args.output or Path(tempfile.mkdtemp(prefix="dsr_bench_"))
     output.mkdir(parents=True, exist_ok=True)
-    if args.ckpt:
-        model = Dsr.load_from_checkpoint(args.ckpt, map_location="cpu")
+    if args.ckpt or args.paper_widths:
         from anomalib_dsr.workflows.demo import DemoSettings
         from anomalib_dsr.workflows.demo_data import make_demo_dataset
 
         settings = DemoSettings()
         make_demo_dataset(output / "data", image_size=settings.image_size, num_train=settings.num_train, seed=settings.seed)
         datamodule = demo_datamodule(output / "data")
+        model = untrained_paper_model() if args.paper_widths else Dsr.load_from_checkpoint(args.ckpt, map_location="cpu")
     else:
         model, datamodule = train(output, args.quick)
     model = model.cpu().eval()
@@ -181,45 +218,44 @@ def main() -> None:
         f"OpenVINO FP32 IR, device default ({default_precision})": (openvino_runner(exports["fp32"], None), "fp32"),
         "OpenVINO FP16 IR (default precision)": (openvino_runner(exports["fp16"], None), "fp16"),
         "OpenVINO INT8 PTQ IR (default precision)": (openvino_runner(exports["int8"], None), "int8"),
+        "OpenVINO INT8 PTQ IR, f32 precision": (openvino_runner(exports["int8"], "f32"), "int8"),
     }
     rng = np.random.default_rng(0)
     inputs = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True).clamp(0, 1).numpy()
     batch1, batch8 = inputs[:1], inputs[rng.choice(len(inputs), 8, replace=len(inputs) < 8)]
-    reference = torch_run(images.numpy())
+    reference = None if args.paper_widths else torch_run(images.numpy())
 
     rows = []
     for name, (run, export_name) in variants.items():
-        outputs = run(images.numpy())
-        auroc, pixel_ap = metrics(outputs["pred_score"], outputs["anomaly_map"], labels, masks)
-        score_diff = float(np.abs(outputs["pred_score"] - reference["pred_score"]).max())
-        map_gap = np.abs(outputs["anomaly_map"] - reference["anomaly_map"])
-        map_diff, map_off = float(map_gap.max()), float((map_gap > 1e-3).mean())
+        accuracy = (float("nan"),) * 5  # an untrained model's scores measure nothing
+        if not args.paper_widths:
+            outputs = run(images.numpy())
+            auroc, pixel_ap = metrics(outputs["pred_score"], outputs["anomaly_map"], labels, masks)
+            map_gap = np.abs(outputs["anomaly_map"] - reference["anomaly_map"])
+            score_diff = float(np.abs(outputs["pred_score"] - reference["pred_score"]).max())
+            accuracy = (auroc, pixel_ap, score_diff, float(map_gap.max()), float((map_gap > 1e-3).mean()))
         rows.append(
             (
                 name,
                 median_latency(run, batch1, args.repeats) * 1e3,
                 median_latency(run, batch8, max(args.repeats // 4, 3)) * 1e3,
-                auroc,
-                pixel_ap,
-                score_diff,
-                map_diff,
-                map_off,
+                *accuracy,
                 f"{export_seconds[export_name]:.0f} s" if export_name else "—",
             )
         )
 
     widths = {k: v for k, v in model.hparams.items() if k in ("channels", "num_embeddings", "embedding_dim", "unet_width")}
     print(
-        f"\nDSR {widths}, {len(images)} demo test images, input {SIZE}x{SIZE}, {args.threads} threads, "
-        f"{platform.processor() or platform.machine()}, OpenVINO {ov.get_version().split('-')[0]}, torch {torch.__version__}"
+        f"\nDSR {widths}, model {model.hparams['image_size']}, {len(images)} demo test images, input {SIZE}x{SIZE}, "
+        f"{args.threads} threads, {cpu_name()}, OpenVINO {ov.get_version().split('-')[0]}, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
     print("| variant | ms/image, batch 1 | ms/image, batch 8 | image AUROC | pixel AP | max Δ score vs PyTorch | max Δ map vs PyTorch | map pixels off > 1e-3 | export time |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, lat1, lat8, auroc, pixel_ap, score_diff, map_diff, map_off, seconds in rows:
-        print(
-            f"| {name} | {lat1:.1f} | {lat8:.1f} | {auroc:.3f} | {pixel_ap:.3f} | {score_diff:.1e} | {map_diff:.1e} "
-            f"| {map_off:.2%} | {seconds} |"
-        )
+    for name, lat1, lat8, *accuracy, seconds in rows:
+        specs = (".3f", ".3f", ".1e", ".1e", ".2%")
+        cells = (format(value, spec) if value == value else "—" for value, spec in zip(accuracy, specs))  # NaN: none
+        print(f"| {name} | {lat1:.1f} | {lat8:.1f} | {' | '.join(cells)} | {seconds} |")
 
 
 if __name__ == "__main__":

@@ -371,3 +371,11 @@ class Dsr(AnomalibModule):
             AUPR(fields=["anomaly_map", "gt_mask"], prefix="pixel_", strict=False),
         ]
         return Evaluator(test_metrics=list(metrics))
+
+    @staticmethod
+    def _post_training_quantization_ov(model: Any, datamodule: Any = None) -> Any:
+        """``compression_type=INT8_PTQ``: NNCF calibrated on the normal training images, the code path unquantised
+        (:func:`anomalib_dsr.export.quantize`)."""
+        from anomalib_dsr.export import quantize
+
+        return quantize(model, datamodule)
