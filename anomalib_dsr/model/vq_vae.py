@@ -274,11 +274,11 @@ class GeneralVQVAE(nn.Module):
     def encode(self, images: torch.Tensor) -> Encoded:
         """Images ``(B, 3, H, W)`` (BGR, sides multiples of 8) → both quantised levels, no statistics.
 
-        Always in float32, also under autocast: features rounded to bf16 (3 significant digits) move many of them
-        to another code, and every later stage follows the codes.
+        Always in the weights' precision (float32), also under autocast: features rounded to bf16 (3 significant
+        digits) move many of them to another code, and every later stage follows the codes.
         """
         with torch.autocast(images.device.type, enabled=False):
-            return self._encode(images.float())
+            return self._encode(images.to(self.pre_quant_lo.weight.dtype))
 
     def _encode(self, images: torch.Tensor) -> Encoded:
         features_hi = self.encoder_hi(images)
