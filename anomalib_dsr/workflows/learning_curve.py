@@ -3,8 +3,10 @@
 :class:`LearningCurve` is a Lightning callback for any anomalib model trained by steps (DSR, DRAEM, …). At
 ``points`` evenly spaced steps it runs the model in eval mode over the datamodule's test images and records
 image AUROC (``pred_score``) and pixel AP (``anomaly_map`` against the masks, when the test set has masks),
-with the training wall time so far (evaluation time excluded). It is a report of progress on the test set;
-nothing is selected on it.
+with the training wall time so far (evaluation time excluded). A memory-bank model (anomalib's
+``MemoryBankMixin``: PatchCore, PaDiM, …) only collects features and can score nothing before its bank is built
+at the end of the epoch: its curve is one point, measured when training ends.
+It is a report of progress on the test set; nothing is selected on it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from anomalib.models.components import MemoryBankMixin
 from lightning.pytorch.callbacks import Callback
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
@@ -41,19 +44,30 @@ class LearningCurve(Callback):
         self.output = Path(output) if output is not None else None
         self.rows: list[dict[str, float]] = []
         self._steps: set[int] = set()
+        self._single_point = False
         self._start = 0.0
         self._eval_seconds = 0.0
 
+    @property
+    def eval_seconds(self) -> float:
+        """Wall time spent in this callback's evaluations (inside ``fit``; not training time)."""
+        return self._eval_seconds
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         total = int(trainer.estimated_stepping_batches)
-        # Models that only collect features (PatchCore) have no optimiser and nothing to plot.
-        self._steps = {max(1, round(total * (i + 1) / self.points)) for i in range(self.points)} if trainer.optimizers else set()
+        # Memory-bank models (PatchCore) can be scored only once their bank is built: one point when training ends.
+        self._single_point = isinstance(pl_module, MemoryBankMixin)
+        steps = {max(1, round(total * (i + 1) / self.points)) for i in range(self.points)}
+        self._steps = set() if self._single_point else steps
         self._start, self._eval_seconds = time.perf_counter(), 0.0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         if trainer.global_step not in self._steps or not trainer.is_global_zero:
             return
         self._steps.discard(trainer.global_step)  # several optimisers may report one step twice
+        self._record(trainer, pl_module)
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         started = time.perf_counter()
         row = {"step": trainer.global_step, "train_seconds": started - self._start - self._eval_seconds}
         row.update(self.measure(trainer, pl_module))
@@ -66,7 +80,8 @@ class LearningCurve(Callback):
         return evaluate(pl_module, trainer.datamodule.test_dataloader())
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        del pl_module
+        if self._single_point and trainer.is_global_zero:
+            self._record(trainer, pl_module)  # after the last epoch: PatchCore's memory bank is subsampled by now
         if self.output is not None and self.rows and trainer.is_global_zero:
             self.output.parent.mkdir(parents=True, exist_ok=True)
             with self.output.open("w", newline="") as file:
@@ -102,11 +117,25 @@ def evaluate(pl_module: pl.LightningModule, dataloader: torch.utils.data.DataLoa
         for module, mode in modes.items():
             module.train(mode)
     labels_all = torch.cat(labels)
-    row = {"image_AUROC": float(binary_auroc(torch.cat(scores), labels_all)) if labels_all.unique().numel() == 2 else math.nan}
+    scores_all = unit_interval(torch.cat(scores))
+    row = {"image_AUROC": float(binary_auroc(scores_all, labels_all)) if labels_all.unique().numel() == 2 else math.nan}
     masks_all = torch.cat(masks) if masks else None
     has_pixels = masks_all is not None and masks_all.any()
-    row["pixel_AP"] = float(binary_average_precision(torch.cat(maps), masks_all)) if has_pixels else math.nan
+    maps_all = unit_interval(torch.cat(maps)) if has_pixels else None
+    row["pixel_AP"] = float(binary_average_precision(maps_all, masks_all)) if has_pixels else math.nan
     return row
+
+
+def unit_interval(values: torch.Tensor) -> torch.Tensor:
+    """``values`` rescaled into [0, 1] if they leave it (same order: AUROC and AP unchanged).
+
+    torchmetrics takes scores outside [0, 1] for logits and applies a sigmoid, which saturates unbounded scores
+    such as PatchCore's feature distances (sigmoid(30) == sigmoid(60) == 1.0 in float32) into ties.
+    """
+    low, high = values.min(), values.max()
+    if low >= 0 and high <= 1:
+        return values
+    return (values - low) / (high - low) if high > low else torch.zeros_like(values)
 
 
 def save_curve_chart(curves: dict[str, list[dict[str, float]]], path: str | Path, x: str = "train_seconds") -> Path:
@@ -124,6 +153,7 @@ def save_curve_chart(curves: dict[str, list[dict[str, float]]], path: str | Path
         ax.set_xlabel("training wall time (s)" if x == "train_seconds" else "training step")
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_ylim(0, 1)
+        ax.set_xlim(left=0)  # a one-point curve (PatchCore) is placed on the same scale as the others
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
