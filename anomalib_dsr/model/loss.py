@@ -9,6 +9,11 @@ from torch import nn
 from anomalib_dsr.model.torch_model import RestrictionTrainingOutput
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if its precision is lower (bf16 under autocast); float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class FocalLoss(nn.Module):
     """Binary focal loss on softmax probabilities, averaged over pixels.
 
@@ -27,7 +32,7 @@ class FocalLoss(nn.Module):
     def forward(self, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``probs`` ``(B, 2, H, W)`` (already softmaxed), ``target`` ``(B, 1, H, W)`` in {0, 1} → scalar."""
         target = torch.cat((1 - target, target), dim=1).clamp(self.smooth, 1 - self.smooth)
-        pt = (target * probs.float()).sum(dim=1) + self.smooth
+        pt = (target * at_least_fp32(probs)).sum(dim=1) + self.smooth
         return (-self.alpha * (1 - pt).pow(self.gamma) * pt.log()).mean()
 
 
@@ -46,9 +51,9 @@ class DsrLoss(nn.Module):
         """Phase-2 loss terms and their sum under ``"loss"``."""
         terms = {
             "focal": self.focal(out.logits_lo.softmax(dim=1), out.target_mask),
-            "feature_hi": F.mse_loss(out.restricted_hi.float(), out.target_hi.float()),
-            "feature_lo": F.mse_loss(out.restricted_lo.float(), out.target_lo.float()),
-            "image": self.image_weight * F.mse_loss(out.image_spc.float(), out.target_image.float()),
+            "feature_hi": F.mse_loss(at_least_fp32(out.restricted_hi), at_least_fp32(out.target_hi)),
+            "feature_lo": F.mse_loss(at_least_fp32(out.restricted_lo), at_least_fp32(out.target_lo)),
+            "image": self.image_weight * F.mse_loss(at_least_fp32(out.image_spc), at_least_fp32(out.target_image)),
         }
         terms["loss"] = sum(terms.values())
         return terms

@@ -145,10 +145,10 @@ class EMACodebook(nn.Module):
         return self.embedding.num_embeddings
 
     def squared_distances(self, flat: torch.Tensor) -> torch.Tensor:
-        """``(N, D)`` features → ``(N, K)`` squared L2 distances to every code, always in fp32."""
+        """``(N, D)`` features → ``(N, K)`` squared L2 distances to every code, in fp32 (fp64 for fp64 features)."""
         with torch.autocast(flat.device.type, enabled=False):
-            flat = flat.float()
-            codes = self.embedding.weight.float()
+            flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+            codes = self.embedding.weight.to(flat.dtype)
             return (flat.square().sum(1, keepdim=True) + codes.square().sum(1)).addmm_(flat, codes.t(), alpha=-2.0)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
