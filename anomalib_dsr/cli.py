@@ -2,7 +2,8 @@
 
 Training, testing, prediction and export go through ``anomalib train|test|predict|export --model
 anomalib_dsr.Dsr``; this command adds VQ-VAE pretraining, the offline demo, import and export of the
-authors' released weights, the paper-comparison table, and the benchmark against PatchCore and DRAEM.
+authors' released weights, the paper-comparison table, the benchmark against PatchCore and DRAEM, a
+stage-by-stage inspection of a trained model, and the KolektorSDD layout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 from anomalib_dsr.workflows.benchmark import BenchmarkConfigError, run_benchmark
 from anomalib_dsr.workflows.demo import DemoSettings, run_demo
+from anomalib_dsr.workflows.inspect import DIFF_MAX, InspectError, format_report, inspect
+from anomalib_dsr.workflows.kolektor import KolektorError, prepare_kolektor
 from anomalib_dsr.checkpoints.original_checkpoint import export_original, import_original
 from anomalib_dsr.checkpoints.original_format import VQ_FILE_NAME, WeightsError
 from anomalib_dsr.workflows.paper_table import table_from_files
@@ -82,6 +85,35 @@ def _benchmark(args: argparse.Namespace) -> None:
     print(f"Results CSV, report and chart in {folder}")
 
 
+def _inspect(args: argparse.Namespace) -> None:
+    try:
+        report = inspect(
+            args.ckpt,
+            args.images,
+            args.output,
+            masks=args.masks,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            device=args.device,
+            diff_max=args.diff_max,
+        )
+    except InspectError as error:
+        raise SystemExit(f"anomalib-dsr inspect: error: {error}") from None
+    print(format_report(report))
+    print(f"Panels in {report['panels']}, figures in {Path(args.output) / 'inspect.json'}")
+
+
+def _prepare_kolektor(args: argparse.Namespace) -> None:
+    try:
+        layout = prepare_kolektor(
+            args.src, args.out, test_good_share=args.test_good_share, seed=args.seed, force=args.force
+        )
+    except KolektorError as error:
+        raise SystemExit(f"anomalib-dsr prepare-kolektor: error: {error}") from None
+    print(layout.summary())
+    print(f'Use it as anomalib.data.MVTecAD(root="{args.out}", category="kolektor").')
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomalib-dsr", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +170,37 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("benchmark", help="DSR vs PatchCore and DRAEM through anomalib's Benchmark pipeline.")
     bench.add_argument("--config", required=True, help="Benchmark config, e.g. configs/benchmark/demo.yaml.")
     bench.set_defaults(func=_benchmark)
+
+    insp = commands.add_parser(
+        "inspect", help="Panels of every stage (paper Fig. 8) and per-stage figures on test images with masks."
+    )
+    insp.add_argument("ckpt", help="Lightning checkpoint of anomalib_dsr.Dsr.")
+    insp.add_argument(
+        "images",
+        help="Folder of test images (searched recursively; those in a folder named 'good' need no mask), "
+        "or an MVTec AD category folder (its test/ images, ground_truth/ masks).",
+    )
+    insp.add_argument("--masks", default=None, help="Folder of the masks: <sub>/<stem>_mask.png or <sub>/<stem>.png.")
+    insp.add_argument("--output", required=True, help="Folder for panels/*.png and inspect.json.")
+    insp.add_argument("--limit", type=int, default=None, help="At most N images, spread evenly over the sorted list.")
+    insp.add_argument("--batch-size", type=int, default=8)
+    insp.add_argument("--device", default="cpu", help="torch device, e.g. cuda.")
+    insp.add_argument(
+        "--diff-max", type=float, default=DIFF_MAX, help=f"Top of the |I_gen - I_spc| colour scale ({DIFF_MAX})."
+    )
+    insp.set_defaults(func=_inspect)
+
+    kolektor = commands.add_parser("prepare-kolektor", help="Lay a downloaded KolektorSDD out as an MVTec AD category.")
+    kolektor.add_argument("src", help="The unpacked KolektorSDD folder, holding kos01 ... kos50.")
+    kolektor.add_argument("out", help="Dataset root: writes OUT/kolektor/{train,test,ground_truth}.")
+    kolektor.add_argument(
+        "--test-good-share", type=float, default=0.2, help="Share of the defect-free images in test/good (default 0.2)."
+    )
+    kolektor.add_argument("--seed", type=int, default=0, help="Seed of the train/test split of the defect-free images.")
+    kolektor.add_argument(
+        "--force", action="store_true", help="Replace OUT/kolektor if it holds anything else than this layout."
+    )
+    kolektor.set_defaults(func=_prepare_kolektor)
     return parser
 
 

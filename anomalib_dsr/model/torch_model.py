@@ -91,6 +91,16 @@ class RestrictionTrainingOutput(NamedTuple):
     target_mask: torch.Tensor  # blocky ground truth (B, 1, H, W)
 
 
+class DsrStages(NamedTuple):
+    """Every stage of the inference chain (:meth:`DsrModel.stages`). Shapes for an RGB input ``(B, 3, H, W)``."""
+
+    image_gen: torch.Tensor  # I_gen (B, 3, H, W), BGR like the VQ-VAE's input
+    image_spc: torch.Tensor  # I_spc (B, 3, H, W), BGR
+    probs_lo: torch.Tensor  # P_lo = softmax(M_lo) (B, 2, H, W)
+    anomaly_map: torch.Tensor  # softmax(M)[:, 1] (B, H, W)
+    pred_score: torch.Tensor  # (B,)
+
+
 class DsrModel(nn.Module):
     """DSR with the paper's widths as defaults; every width is an argument so tests can build a tiny model.
 
@@ -193,9 +203,15 @@ class DsrModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> InferenceBatch:
         """RGB ``(B, 3, H, W)`` in [0, 1] → ``pred_score`` ``(B,)`` and ``anomaly_map`` ``(B, H, W)``."""
+        stages = self.stages(images)
+        return InferenceBatch(pred_score=stages.pred_score, anomaly_map=stages.anomaly_map)
+
+    def stages(self, images: torch.Tensor) -> DsrStages:
+        """Steps 1–7 on RGB ``(B, 3, H, W)`` in [0, 1], keeping the intermediate images and maps (``anomalib-dsr
+        inspect``); :meth:`forward` returns its last two fields."""
         image_spc, image_gen, probs_lo = self.detect(images)
         probs = self.upsampling(torch.cat((image_spc, image_gen, probs_lo), dim=1)).softmax(dim=1)
-        return InferenceBatch(pred_score=self.image_score(probs_lo), anomaly_map=probs[:, 1])
+        return DsrStages(image_gen, image_spc, probs_lo, probs[:, 1], self.image_score(probs_lo))
 
     def image_score(self, probs_lo: torch.Tensor) -> torch.Tensor:
         """``(B,)``: the maximum of P_lo's anomaly channel averaged over the score window (SPEC §5)."""
