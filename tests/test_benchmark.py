@@ -255,3 +255,23 @@ def test_report_and_chart_leave_out_metrics_a_dataset_without_masks_lacks(tmp_pa
     assert "| elpv_mono | 77.0 | 10.0 | 2.0 | 67.0 | 10.0 | 2.0 |" in report
     save_chart(pd.DataFrame(rows), tmp_path / "chart.png")
     assert (tmp_path / "chart.png").stat().st_size > 0
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "benchmark").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda path: path.stem)
+def test_shipped_configs_pass_the_checks_and_their_patchcore_runs_offline(path):
+    """Every shipped benchmark config is accepted, and every PatchCore entry on an offline backbone builds from the
+    pip-installed weights with layers its backbone has (no entry of a CPU config is skipped for missing weights)."""
+    config = yaml.safe_load(path.read_text())
+    check_config(config)
+    entries = [entry for entry in config["benchmark"]["model"]["grid"] if entry["class_path"] == "Patchcore"]
+    offline = [entry for entry in entries if entry["init_args"].get("backbone") in OFFLINE_BACKBONES]
+    assert offline, f"{path.name}: no PatchCore on an offline backbone"
+    for entry in offline:
+        assert missing_backbone_reason(entry) is None
+        model = build_model(entry, image_size=config["benchmark"]["image_size"])
+        assert model.model.feature_extractor.layers == entry["init_args"]["layers"]
+    if config["accelerator"] == "cpu":
+        assert all(missing_backbone_reason(entry) is None for entry in entries), path.name
