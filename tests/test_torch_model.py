@@ -241,3 +241,25 @@ def test_bf16_autocast_keeps_fp32_codes(model: DsrModel) -> None:
         assert torch.equal(ours, reference)
     difference = (bf16.anomaly_map.float() - fp32.anomaly_map).abs()
     assert difference.max() > 0 and torch.isfinite(bf16.anomaly_map).all()
+
+
+def test_bf16_training_keeps_fp32_codes(model: DsrModel) -> None:
+    """bf16-mixed training as inference does: the code path (VQ encoders, replacement codes, restriction) in float32,
+    so the anomalies, the restricted features and every code are fp32's; D_spc and the U-Net run in bf16."""
+    model.train()
+    codes = record_codes(model)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    masks = (torch.rand(2, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    torch.manual_seed(3)
+    fp32 = model.forward_restriction_training(images, masks)
+    fp32_codes = list(codes)
+    codes.clear()
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model.forward_restriction_training(images, masks)
+    assert len(codes) == len(fp32_codes) >= 4
+    for ours, reference in zip(codes, fp32_codes, strict=True):
+        assert torch.equal(ours, reference)
+    for name in ("restricted_lo", "restricted_hi", "target_lo", "target_hi", "target_mask"):
+        assert torch.equal(getattr(bf16, name), getattr(fp32, name)), name
+    assert bf16.image_spc.dtype == bf16.logits_lo.dtype == torch.bfloat16

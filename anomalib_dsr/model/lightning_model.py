@@ -87,8 +87,8 @@ class Dsr(AnomalibModule):
             Inference on CPU runs the U-Nets' and D_spc's 3x3 convolutions as Winograd convolutions either way.
 
     Mixed precision: ``Engine(precision="bf16-mixed")`` (or ``Trainer``) trains and tests under bf16 autocast; the
-    general VQ-VAE's encoders and distances stay in fp32 (so do the restriction modules at inference), so the codes
-    are an fp32 run's; the decoders and U-Nets run in bf16 (docs/speed.md has its speed and accuracy).
+    general VQ-VAE's encoders and distances, phase 2's replacement codes and the restriction modules stay in fp32, so
+    the codes are an fp32 run's; the decoders and U-Nets run in bf16 (docs/speed.md has its speed and accuracy).
     """
 
     def __init__(

@@ -170,10 +170,14 @@ class DsrModel(nn.Module):
         return self.to_vq_input(images).contiguous(memory_format=layout)
 
     def restrict(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Subspace restriction and re-quantisation: F̃_lo, F̃_hi and D_spc's input [up(Q̃_lo), Q̃_hi] ``(B, 2D, H/4, W/4)``."""
-        restricted_lo = self.restriction_lo(q_lo)
-        restricted_hi = self.restriction_hi(q_hi)
-        joined = self.vq.join(self.vq.codebook_lo.quantize(restricted_lo), self.vq.codebook_hi.quantize(restricted_hi))
+        """Subspace restriction and re-quantisation: F̃_lo, F̃_hi and D_spc's input [up(Q̃_lo), Q̃_hi] ``(B, 2D, H/4, W/4)``.
+
+        Always in float32, also under autocast (training and inference alike): it ends in a code choice.
+        """
+        with torch.autocast(q_lo.device.type, enabled=False):
+            restricted_lo = self.restriction_lo(q_lo)
+            restricted_hi = self.restriction_hi(q_hi)
+            joined = self.vq.join(self.vq.codebook_lo.quantize(restricted_lo), self.vq.codebook_hi.quantize(restricted_hi))
         return restricted_lo, restricted_hi, joined
 
     def restore(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -191,8 +195,7 @@ class DsrModel(nn.Module):
         """
         device = images.device.type
         encoded = self.vq.encode(self.vq_input(images))
-        with torch.autocast(device, enabled=False):
-            _, _, joined_spc = self.restrict(encoded.q_lo, encoded.q_hi)
+        _, _, joined_spc = self.restrict(encoded.q_lo, encoded.q_hi)
         joined_gen = torch.cat((encoded.up_lo, encoded.q_hi), dim=1)  # = join(Q_lo, Q_hi)
         if torch.is_autocast_enabled(device) and not self.training:
             joined_gen, joined_spc = (x.contiguous(memory_format=torch.channels_last) for x in (joined_gen, joined_spc))
@@ -227,21 +230,23 @@ class DsrModel(nn.Module):
         """
         generator = self.latent_anomalies
         with torch.no_grad():
-            images = self.vq_input(images)
-            encoded = self.vq.encode(images)
-            lo_on, hi_on = generator.sample_levels(images.shape[0], images.device)
-            mask_lo = blocky(masks, 8) * lo_on.view(-1, 1, 1, 1)
-            q_lo = generator.replace(self.vq.codebook_lo, encoded.z_lo, encoded.q_lo, mask_lo)
-            up_lo, z_hi, q_hi = self.hi_after_lo_anomalies(encoded, q_lo, mask_lo, lo_on & hi_on)
-            mask_hi = blocky(masks, 4) * hi_on.view(-1, 1, 1, 1)
-            q_hi = generator.replace(self.vq.codebook_hi, z_hi, q_hi, mask_hi)
+            # The codes in float32 under autocast too, as at inference (VQ encoders, restriction): bf16 moves codes.
+            with torch.autocast(images.device.type, enabled=False):
+                images = self.vq_input(images)
+                encoded = self.vq.encode(images)
+                lo_on, hi_on = generator.sample_levels(images.shape[0], images.device)
+                mask_lo = blocky(masks, 8) * lo_on.view(-1, 1, 1, 1)
+                q_lo = generator.replace(self.vq.codebook_lo, encoded.z_lo, encoded.q_lo, mask_lo)
+                up_lo, z_hi, q_hi = self.hi_after_lo_anomalies(encoded, q_lo, mask_lo, lo_on & hi_on)
+                mask_hi = blocky(masks, 4) * hi_on.view(-1, 1, 1, 1)
+                q_hi = generator.replace(self.vq.codebook_hi, z_hi, q_hi, mask_hi)
 
-            hi_only = (hi_on & ~lo_on).view(-1, 1, 1, 1)
-            target_mask = torch.where(
-                hi_only,
-                F.interpolate(mask_hi, scale_factor=4, mode="nearest"),
-                F.interpolate(mask_lo, scale_factor=8, mode="nearest"),
-            )
+                hi_only = (hi_on & ~lo_on).view(-1, 1, 1, 1)
+                target_mask = torch.where(
+                    hi_only,
+                    F.interpolate(mask_hi, scale_factor=4, mode="nearest"),
+                    F.interpolate(mask_lo, scale_factor=8, mode="nearest"),
+                )
             image_gen = self.vq.decoder(torch.cat((up_lo, q_hi), dim=1))  # = D_gen(join(Q_lo, Q_hi))
 
         restricted_lo, restricted_hi, image_spc = self.restore(q_lo, q_hi)
