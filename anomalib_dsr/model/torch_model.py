@@ -230,7 +230,7 @@ class DsrModel(nn.Module):
         """
         generator = self.latent_anomalies
         with torch.no_grad():
-            # The codes in float32 under autocast too, as at inference (VQ encoders, restriction): bf16 moves codes.
+            # Codes and replacement codes in float32 under autocast too, as at inference: bf16 moves codes.
             with torch.autocast(images.device.type, enabled=False):
                 images = self.vq_input(images)
                 encoded = self.vq.encode(images)
