@@ -21,7 +21,7 @@ demo: $(STAMP)
 	PYTHONWARNINGS=ignore::FutureWarning $(BIN)/anomalib-dsr demo --output demo_output
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --timeout=1800
+	$(BIN)/python -m pytest -q -rs --timeout=1800
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m 'not slow'

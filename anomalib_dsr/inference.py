@@ -17,14 +17,18 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openvino as ov
 import torch
 from anomalib.data import NumpyImageBatch
 from anomalib.deploy import OpenVINOInferencer
 from PIL import Image
+
+from anomalib_dsr.export import keeps_code_path_in_f32
 
 ImageLike = str | Path | np.ndarray | Image.Image | torch.Tensor
 
@@ -118,8 +122,10 @@ class DsrInferencer(OpenVINOInferencer):
     Args:
         path: exported model (``.xml``/``.bin`` or ``.onnx``).
         device: OpenVINO device (default ``"CPU"``).
-        precision: ``"f32"`` (default: matches the PyTorch model), ``"bf16"``, ``"f16"``, or ``None`` for
-            the device's default (bf16 on CPUs with AMX).
+        precision: ``"f32"`` (default: matches the PyTorch model most closely), ``"bf16"``, ``"f16"``, or ``None``
+            for the device's default (bf16 on CPUs with AMX or AVX512-BF16: the same accuracy, faster). Anything but
+            f32 warns for a model that does not keep the code path in f32 (ONNX files, IRs exported before
+            2026-12-06).
         config: further OpenVINO properties.
     """
 
@@ -130,7 +136,17 @@ class DsrInferencer(OpenVINOInferencer):
         precision: str | None = "f32",
         config: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(path, device=device, config=openvino_config(precision, config))
+        config = openvino_config(precision, config)
+        if config.get("INFERENCE_PRECISION_HINT") != "f32" and isinstance(path, str | Path):
+            if not keeps_code_path_in_f32(ov.Core().read_model(path)):
+                warnings.warn(
+                    f"{path} does not keep DSR's code path in f32 (an ONNX file, or an IR exported before "
+                    f"2026-12-06): at precision {precision or 'the device default (bf16 on AMX CPUs)'} its codes "
+                    "change and so do its scores. Export it again with Dsr.to_openvino / anomalib export, or pass "
+                    "precision='f32'.",
+                    stacklevel=2,
+                )
+        super().__init__(path, device=device, config=config)
 
     def predict(self, image: ImageLike) -> NumpyImageBatch:  # type: ignore[override]
         """Predict on one image (path, PIL image, array or tensor; grayscale and RGBA are converted)."""

@@ -27,6 +27,31 @@ def demo_test_images(demo_root: Path) -> tuple[list[Path], torch.Tensor]:
     return files, torch.stack([read_image(path, as_tensor=True) for path in files])
 
 
+def demo_test_truth(demo_root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Labels ``(N,)`` (1: defective) and masks ``(N, 64, 64)`` of the demo test images, in ``demo_test_images``'
+    order."""
+    from anomalib.data.utils import read_mask
+
+    files, images = demo_test_images(demo_root)
+    labels = torch.tensor([int(path.parent.name != "good") for path in files])
+    masks = torch.zeros(images.shape[0], *images.shape[-2:])
+    for index, path in enumerate(files):
+        if labels[index]:
+            mask = demo_root / CATEGORY / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+            masks[index] = read_mask(mask, as_tensor=True).float().reshape(images.shape[-2:])
+    return labels, masks
+
+
+def detection_accuracy(scores, maps, labels: torch.Tensor, masks: torch.Tensor) -> tuple[float, float]:
+    """Image AUROC and pixel AP of ``scores`` ``(N,)`` and ``maps`` ``(N, [1,] H, W)`` (arrays or tensors)."""
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+    scores, maps = (torch.as_tensor(np.asarray(value, np.float32)) for value in (scores, maps))
+    auroc = binary_auroc(scores.flatten(), labels)
+    pixel_ap = binary_average_precision(maps.reshape(masks.shape).flatten(), (masks > 0.5).flatten().long())
+    return float(auroc), float(pixel_ap)
+
+
 def calibrate_post_processor(model, images: torch.Tensor) -> None:
     """Give the briefly trained model the normalisation spread of a trained one.
 

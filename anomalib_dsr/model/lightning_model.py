@@ -372,6 +372,34 @@ class Dsr(AnomalibModule):
         ]
         return Evaluator(test_metrics=list(metrics))
 
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: Any = None,
+        datamodule: Any = None,
+        metric: Any = None,
+        task: Any = None,
+        max_drop: float = 0.01,
+        ov_kwargs: dict[str, Any] | None = None,
+        onnx_kwargs: dict[str, Any] | None = None,
+    ) -> Path:
+        """anomalib's OpenVINO export, then the code path kept in f32 at any inference precision
+        (:func:`anomalib_dsr.export.keep_code_path_in_f32`): OpenVINO computes in bf16 by default on CPUs with
+        AMX or AVX512-BF16, where the codes would otherwise change. ``FP16`` stores the other weights in f16."""
+        from anomalib.deploy import CompressionType
+
+        from anomalib_dsr.export import keep_code_path_in_f32
+
+        fp16 = compression_type == CompressionType.FP16
+        xml = super().to_openvino(
+            export_root, model_file_name, input_size, None if fp16 else compression_type, datamodule, metric, task,
+            max_drop, ov_kwargs, onnx_kwargs,
+        )  # fmt: skip
+        keep_code_path_in_f32(xml, compress_to_fp16=fp16)
+        return xml
+
     @staticmethod
     def _post_training_quantization_ov(model: Any, datamodule: Any = None) -> Any:
         """``compression_type=INT8_PTQ``: NNCF calibrated on the normal training images, the code path unquantised
