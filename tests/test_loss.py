@@ -81,6 +81,18 @@ def make_output(target: torch.Tensor, image_error: float, feature_error: float) 
     )
 
 
+def test_focal_terms_take_softmax_in_fp32_from_bf16_logits(target: torch.Tensor) -> None:
+    """Under bf16 autocast the logits are bf16; softmax there would round confident probabilities to steps of
+    2^-8 below 1, where the focal loss lives. Both focal terms equal the fp32 softmax of the same logits."""
+    logits = (torch.cat((1 - target, target), dim=1) * 2 - 1).mul(3.0).to(torch.bfloat16)  # right, p_t = 0.9975
+    expected = FocalLoss()(logits.float().softmax(dim=1), target)
+    assert FocalLoss()(logits.softmax(dim=1), target).item() != pytest.approx(expected.item(), rel=0.1)  # bf16 softmax
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert DsrLoss().upsampling(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+        out = RestrictionTrainingOutput(*(torch.zeros(2, 4, 2, 2),) * 4, torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), logits, target)
+        assert DsrLoss().restriction(out)["focal"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
 def test_restriction_loss_has_four_terms_with_image_weighted_ten(target: torch.Tensor) -> None:
     out = make_output(target, image_error=0.1, feature_error=0.3)
     terms = DsrLoss().restriction(out)

@@ -14,12 +14,17 @@ from anomalib_dsr.model.vq_vae import EMACodebook
 
 
 def rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
-    """Rotate each image ``(B, C, H, W)`` about its centre by its own angle ``(B,)``, black fill."""
-    theta = torch.deg2rad(degrees.float())
-    cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
-    affine = torch.stack((torch.stack((cos, -sin, zero), 1), torch.stack((sin, cos, zero), 1)), 1)
-    grid = F.affine_grid(affine.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    """Rotate each image ``(B, C, H, W)`` about its centre by its own angle ``(B,)``, black fill.
+
+    Never under autocast: ``affine_grid`` is a matrix product, and a bf16 grid moves the sampling points by up to
+    half a pixel, so every training image (angle 0 included) would be resampled off its pixels.
+    """
+    with torch.autocast(images.device.type, enabled=False):
+        theta = torch.deg2rad(degrees.float())
+        cos, sin, zero = theta.cos(), theta.sin(), torch.zeros_like(theta)
+        affine = torch.stack((torch.stack((cos, -sin, zero), 1), torch.stack((sin, cos, zero), 1)), 1)
+        grid = F.affine_grid(affine.to(images.dtype), list(images.shape), align_corners=False)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def random_rotate(images: torch.Tensor, probability: float, max_degrees: float = 90.0) -> torch.Tensor:

@@ -50,7 +50,7 @@ class DsrLoss(nn.Module):
     def restriction(self, out: RestrictionTrainingOutput) -> dict[str, torch.Tensor]:
         """Phase-2 loss terms and their sum under ``"loss"``."""
         terms = {
-            "focal": self.focal(out.logits_lo.softmax(dim=1), out.target_mask),
+            "focal": self.focal(at_least_fp32(out.logits_lo).softmax(dim=1), out.target_mask),
             "feature_hi": F.mse_loss(at_least_fp32(out.restricted_hi), at_least_fp32(out.target_hi)),
             "feature_lo": F.mse_loss(at_least_fp32(out.restricted_lo), at_least_fp32(out.target_lo)),
             "image": self.image_weight * F.mse_loss(at_least_fp32(out.image_spc), at_least_fp32(out.target_image)),
@@ -60,4 +60,4 @@ class DsrLoss(nn.Module):
 
     def upsampling(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Phase-3 loss: focal loss on softmax(M) ``(B, 2, H, W)`` against full-resolution masks."""
-        return self.focal(logits.softmax(dim=1), masks)
+        return self.focal(at_least_fp32(logits).softmax(dim=1), masks)
