@@ -122,10 +122,12 @@ def _older_interpolate(node: ov.Node) -> ov.Node:
     attributes = node.get_attributes()
     given = node.input(1).get_source_output()
     count = given.get_partial_shape()[0].get_length()
-    dummy = ops.constant(np.ones(count, np.float32 if attributes["shape_calculation_mode"] == "sizes" else np.int64))
-    sizes, scales = (given, dummy.output(0)) if attributes["shape_calculation_mode"] == "sizes" else (dummy.output(0), given)
+    by_sizes = attributes["shape_calculation_mode"] == "sizes"
+    unused = ops.constant(np.ones(count, np.float32 if by_sizes else np.int64)).output(0)
+    sizes, scales = (given, unused) if by_sizes else (unused, given)
     axes = [node.input(2).get_source_output()] if node.get_input_size() > 2 else []
-    return NodeFactory("opset4").create("Interpolate", [node.input(0).get_source_output(), sizes, scales, *axes], attributes)
+    image = node.input(0).get_source_output()
+    return NodeFactory("opset4").create("Interpolate", [image, sizes, scales, *axes], attributes)
 
 
 def _rewrite_code_path(model: ov.Model) -> None:
@@ -153,7 +155,9 @@ def _replacement(node: ov.Node) -> ov.Output | None:
     if kind == "MaxPool" and version == "opset8" and not node.output(1).get_target_inputs():
         a = node.get_attributes()
         if all(dilation == 1 for dilation in a["dilations"]):
-            pool = ops1.max_pool(inputs[0], a["strides"], a["pads_begin"], a["pads_end"], a["kernel"], a["rounding_type"], a["auto_pad"])
+            pool = ops1.max_pool(
+                inputs[0], a["strides"], a["pads_begin"], a["pads_end"], a["kernel"], a["rounding_type"], a["auto_pad"]
+            )
             return pool.output(0)
     if kind == "Subtract" and (mean := inputs[1].get_node()).get_type_name() == "ReduceMean":
         if mean.input(0).get_source_output() == inputs[0]:
@@ -176,8 +180,9 @@ def _nearest_codes(search: ov.Node) -> ov.Output:
     codes, code_norms = _constant_input(product), _constant_input(_input(distances, "Add"))
     if any(part is None for part in (order, factor, codes, code_norms)) or list(order) != [0, 2, 3, 1]:
         msg = (
-            f"Unexpected nearest-code search at {search.get_friendly_name()}: not the argmin of torch.addmm(|z|² + |e|², "
-            "z.permute(0, 2, 3, 1).reshape(-1, C), Eᵀ, alpha=m). Is this model an export of anomalib_dsr.Dsr?"
+            f"Unexpected nearest-code search at {search.get_friendly_name()}: not the argmin of "
+            "torch.addmm(|z|² + |e|², z.permute(0, 2, 3, 1).reshape(-1, C), Eᵀ, alpha=m). "
+            "Is this model an export of anomalib_dsr.Dsr?"
         )
         raise ValueError(msg)
     transpose_a, transpose_b = (product.get_attributes()[key] for key in ("transpose_a", "transpose_b"))
@@ -185,10 +190,12 @@ def _nearest_codes(search: ov.Node) -> ov.Output:
     if transpose_a or weights.shape[1] != channels_last.get_input_partial_shape(0)[1].get_length():
         msg = f"Unexpected nearest-code product at {product.get_friendly_name()}: codes of shape {codes.shape}."
         raise ValueError(msg)
-    scores = ops.convolution(channels_last.input(0).get_source_output(), weights[:, :, None, None].astype(np.float32), [1, 1], [0, 0], [0, 0], [1, 1])
+    z = channels_last.input(0).get_source_output()
+    scores = ops.convolution(z, weights[:, :, None, None].astype(np.float32), [1, 1], [0, 0], [0, 0], [1, 1])
     scores = ops.add(scores, code_norms.reshape(1, -1, 1, 1).astype(np.float32))  # (B, K, h, w)
     a = search.get_attributes()
-    nearest = ops.topk(scores, search.input(1).get_source_output(), 1, a["mode"], a["sort"], a["index_element_type"], a["stable"])
+    k = search.input(1).get_source_output()
+    nearest = ops.topk(scores, k, 1, a["mode"], a["sort"], a["index_element_type"], a["stable"])
     return ops.reshape(ops.transpose(nearest.output(1), [0, 2, 3, 1]), [-1, 1], special_zero=False).output(0)
 
 

@@ -41,7 +41,8 @@ def test_masks_and_rotations_do_not_depend_on_autocast() -> None:
     for enabled in (False, True):
         torch.manual_seed(0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-            results.append((perlin_masks(16, 128, 128, torch.device("cpu")), *ImageAnomalyGenerator(rotation_probability=1.0)(images)))
+            masks = perlin_masks(16, 128, 128, torch.device("cpu"))
+            results.append((masks, *ImageAnomalyGenerator(rotation_probability=1.0)(images)))
     for fp32, bf16 in zip(*results, strict=True):
         assert bf16.dtype == torch.float32
         assert torch.equal(fp32, bf16)

@@ -89,7 +89,8 @@ def test_focal_terms_take_softmax_in_fp32_from_bf16_logits(target: torch.Tensor)
     assert FocalLoss()(logits.softmax(dim=1), target).item() != pytest.approx(expected.item(), rel=0.1)  # bf16 softmax
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert DsrLoss().upsampling(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
-        out = RestrictionTrainingOutput(*(torch.zeros(2, 4, 2, 2),) * 4, torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 8, 8), logits, target)
+        images = torch.zeros(2, 3, 8, 8)
+        out = RestrictionTrainingOutput(*(torch.zeros(2, 4, 2, 2),) * 4, images, images, logits, target)
         assert DsrLoss().restriction(out)["focal"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 

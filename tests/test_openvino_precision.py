@@ -88,7 +88,7 @@ def test_code_path_is_marked_f32_in_forms_the_plugin_keeps(exported):
     } & versions, versions
     assert keeps_code_path_in_f32(model)
     marked = {node.get_friendly_name() for node in model.get_ordered_ops() if MARK in node.get_rt_info()}
-    assert marked <= {node.get_friendly_name() for node in path}  # the decoders and U-Nets run at the device's precision
+    assert marked <= {node.get_friendly_name() for node in path}  # decoders and U-Nets: the device's precision
 
 
 def test_code_choices_refuses_a_graph_that_is_not_dsr():
