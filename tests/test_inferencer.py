@@ -87,21 +87,23 @@ def test_dsr_inferencer_converts_grayscale_and_rgba(exported, defect_png, in_tmp
     check_close(inferencer.predict(np.asarray(rgb_image).transpose(2, 0, 1)), expected)  # channels first
 
 
-def test_dsr_inferencer_warns_below_f32_only_for_a_model_without_the_f32_code_path(exported, in_tmp):
+def test_dsr_inferencer_warns_below_f32_only_for_a_model_without_the_f32_code_path(exported, in_tmp, monkeypatch):
+    """The decision only: compiling is anomalib's (and at bf16 needs a CPU with bf16, see test_openvino_precision)."""
     import warnings
 
     from anomalib.models.components import AnomalibModule
 
+    compiled = []
+    monkeypatch.setattr(OpenVINOInferencer, "__init__", lambda self, path, device, config: compiled.append(config))
+    plain = AnomalibModule.to_openvino(exported["model"], in_tmp / "plain", onnx_kwargs={"opset_version": 18})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert DsrInferencer(exported["openvino"], precision=None).config == {}  # DSR's export: no warning
+        DsrInferencer(exported["openvino"], precision=None)  # DSR's export keeps the code path in f32: no warning
         DsrInferencer(exported["openvino"], precision="bf16")
-    plain = AnomalibModule.to_openvino(exported["model"], in_tmp / "plain", onnx_kwargs={"opset_version": 18})
+        DsrInferencer(plain)  # f32: nothing to warn about
     with pytest.warns(UserWarning, match=r"does not keep DSR's code path in f32.*precision='f32'"):
         DsrInferencer(plain, precision=None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        DsrInferencer(plain)  # f32: nothing to warn about
+    assert compiled == [{}, {"INFERENCE_PRECISION_HINT": "bf16"}, F32, {}]
 
 
 def test_to_rgb_refuses_what_it_cannot_convert_with_clear_messages(tmp_path):
