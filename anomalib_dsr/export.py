@@ -97,6 +97,7 @@ def quantize(model: ov.Model, datamodule: AnomalibDataModule | None) -> ov.Model
 # rewrites (Interpolate-11 into -4, MaxPool-8 into -1, MatMul into FullyConnected, element-wise chains into
 # fused subgraphs), so ``keep_code_path_in_f32`` first writes the code path in forms the plugin keeps as they are.
 F32_MARK = {"name": "DisablePrecisionConversion", "version": "0", "value": "dynamic:f16"}
+F32_MARK_KEY = f"{F32_MARK['name']}_{F32_MARK['version']}"  # the attribute's rt_info key in OpenVINO's Python API
 
 
 def _source(node: ov.Node, port: int) -> ov.Node:
@@ -105,10 +106,8 @@ def _source(node: ov.Node, port: int) -> ov.Node:
 
 def _input(node: ov.Node | None, kind: str) -> ov.Node | None:
     """The first operation of type ``kind`` that feeds ``node``, or None."""
-    if node is None:
-        return None
-    return next((source for source in map(_source, [node] * node.get_input_size(), range(node.get_input_size()))
-                 if source.get_type_name() == kind), None)  # fmt: skip
+    sources = () if node is None else (port.get_source_output().get_node() for port in node.inputs())
+    return next((source for source in sources if source.get_type_name() == kind), None)
 
 
 def _constant_input(node: ov.Node | None) -> np.ndarray | None:
@@ -202,8 +201,7 @@ def _nearest_codes(search: ov.Node) -> ov.Output:
 def keeps_code_path_in_f32(model: ov.Model) -> bool:
     """Whether every operation of ``model``'s code path carries the f32 mark (IRs from ``Dsr.to_openvino`` since
     2026-12-06; not ONNX files, which cannot carry it)."""
-    key = f"{F32_MARK['name']}_{F32_MARK['version']}"  # the attribute's rt_info key as OpenVINO's Python API shows it
-    return all(key in node.get_rt_info() for node in code_path(model) if node.get_type_name() != "Parameter")
+    return all(F32_MARK_KEY in node.get_rt_info() for node in code_path(model) if node.get_type_name() != "Parameter")
 
 
 def keep_code_path_in_f32(xml: Path, *, compress_to_fp16: bool = False) -> None:

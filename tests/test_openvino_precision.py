@@ -19,9 +19,14 @@ from anomalib.models.components import AnomalibModule
 
 from conftest import CATEGORY, TRAINER_KWARGS
 from deploy_support import ONNX_KWARGS, demo_test_images, demo_test_truth, deployed, detection_accuracy
-from anomalib_dsr.export import F32_MARK, UNQUANTISED_TYPES, code_choices, code_path, keeps_code_path_in_f32, quantize
-
-MARK = f"{F32_MARK['name']}_{F32_MARK['version']}"  # the attribute's rt_info key in Python
+from anomalib_dsr.export import (
+    F32_MARK_KEY,
+    UNQUANTISED_TYPES,
+    code_choices,
+    code_path,
+    keeps_code_path_in_f32,
+    quantize,
+)
 
 
 def bf16_unavailable() -> str | None:
@@ -87,7 +92,7 @@ def test_code_path_is_marked_f32_in_forms_the_plugin_keeps(exported):
         ("MaxPool", "opset8"),
     } & versions, versions
     assert keeps_code_path_in_f32(model)
-    marked = {node.get_friendly_name() for node in model.get_ordered_ops() if MARK in node.get_rt_info()}
+    marked = {node.get_friendly_name() for node in model.get_ordered_ops() if F32_MARK_KEY in node.get_rt_info()}
     assert marked <= {node.get_friendly_name() for node in path}  # decoders and U-Nets: the device's precision
 
 
