@@ -138,7 +138,8 @@ class DsrInferencer(OpenVINOInferencer):
     ) -> None:
         config = openvino_config(precision, config)
         if config.get("INFERENCE_PRECISION_HINT") != "f32" and isinstance(path, str | Path):
-            if not keeps_code_path_in_f32(ov.Core().read_model(path)):
+            model_file = Path(path).with_suffix(".xml") if Path(path).suffix == ".bin" else path  # as anomalib reads it
+            if not keeps_code_path_in_f32(ov.Core().read_model(model_file)):
                 warnings.warn(
                     f"{path} does not keep DSR's code path in f32 (an ONNX file, or an IR exported before "
                     f"2026-12-06): at precision {precision or 'the device default (bf16 on AMX CPUs)'} its codes "

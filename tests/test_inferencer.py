@@ -100,10 +100,11 @@ def test_dsr_inferencer_warns_below_f32_only_for_a_model_without_the_f32_code_pa
         warnings.simplefilter("error")
         DsrInferencer(exported["openvino"], precision=None)  # DSR's export keeps the code path in f32: no warning
         DsrInferencer(exported["openvino"], precision="bf16")
+        DsrInferencer(exported["openvino"].with_suffix(".bin"), precision=None)  # anomalib accepts either file
         DsrInferencer(plain)  # f32: nothing to warn about
     with pytest.warns(UserWarning, match=r"does not keep DSR's code path in f32.*precision='f32'"):
         DsrInferencer(plain, precision=None)
-    assert compiled == [{}, {"INFERENCE_PRECISION_HINT": "bf16"}, F32, {}]
+    assert compiled == [{}, {"INFERENCE_PRECISION_HINT": "bf16"}, {}, F32, {}]
 
 
 def test_to_rgb_refuses_what_it_cannot_convert_with_clear_messages(tmp_path):
