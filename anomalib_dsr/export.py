@@ -209,6 +209,7 @@ def keep_code_path_in_f32(xml: Path, *, compress_to_fp16: bool = False) -> None:
     precision, bf16 and f16 included, while the decoders and U-Nets run at the device's; ``compress_to_fp16``
     stores the other weights in f16 (anomalib's FP16 export)."""
     core = ov.Core()
+    # Read into memory, not mapped: the same files are overwritten at the end.
     model = core.read_model(xml.read_bytes(), ov.Tensor(np.fromfile(xml.with_suffix(".bin"), np.uint8)))
     _rewrite_code_path(model)
     names = {node.get_friendly_name() for node in code_path(model)}
