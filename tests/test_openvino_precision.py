@@ -40,6 +40,9 @@ def bf16_unavailable() -> str | None:
     return None
 
 
+BF16_UNAVAILABLE = bf16_unavailable()
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, demo_root, tiny_widths):
     return deployed(tmp_path_factory, demo_root, tiny_widths)
@@ -175,7 +178,7 @@ def test_int8_ptq_keeps_the_accuracy_at_f32(detector):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(bf16_unavailable()), reason=f"bf16 inference: {bf16_unavailable()}")
+@pytest.mark.skipif(BF16_UNAVAILABLE is not None, reason=f"bf16 inference: {BF16_UNAVAILABLE}")
 def test_bf16_inference_keeps_fp32_codes_and_accuracy(detector, tmp_path):
     """At ``INFERENCE_PRECISION_HINT=bf16`` (the default on CPUs with AMX or AVX512-BF16) the FP32 and INT8 IRs run
     the code path in f32 and choose fp32's codes; image AUROC and pixel AP stay within 0.5 points of PyTorch's
