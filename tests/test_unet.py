@@ -1,7 +1,8 @@
 """The U-Nets' InstanceNorm (``anomalib_dsr.model.unet.InstanceNorm2d``): as accurate as ``nn.InstanceNorm2d`` against
 float64, on channels of large mean and tiny spread too, in both memory layouts and in a captured graph; the
-same values and gradients; its input overwritten only when asked. The U-Nets' Winograd convolution
-(``WinogradConv2d``): taken only at inference, near float64 there, ``nn.Conv2d`` everywhere else."""
+same values and gradients; its input overwritten only when asked. The U-Nets' Winograd convolutions
+(``WinogradConv2d``): taken only at inference, chosen by timing, near float64 there, ``nn.Conv2d`` everywhere
+else."""
 
 from __future__ import annotations
 
@@ -67,20 +68,122 @@ def test_values_and_gradients_of_instance_norm(layout: torch.memory_format, inpl
     assert torch.equal(source.detach(), before) != inplace
 
 
+@pytest.fixture
+def matmul_winograd(monkeypatch):
+    """Make every WinogradConv2d outside NNPACK sections take the matrix-product Winograd (``True``) or oneDNN's direct
+    convolution (``False``) instead of timing them: ``matmul_winograd(choice)``."""
+
+    def choose(choice: bool) -> None:
+        monkeypatch.setattr(WinogradConv2d, "_matmul_is_faster", lambda self, x: choice)
+
+    return choose
+
+
+@pytest.mark.parametrize("algorithm", ["nnpack", "matmul"])
 @pytest.mark.parametrize(("in_channels", "out_channels", "size"), [(6, 64, 128), (128, 64, 64), (512, 512, 16)])
-def test_winograd_convolution_at_inference(in_channels: int, out_channels: int, size: int) -> None:
-    """eval + no autograd on CPU in float32: Winograd, one image at a time, within 5e-5 of the output's scale of
-    float64 (seen: 1-2e-5; oneDNN's direct convolution ~2e-6) and not nn.Conv2d's values (the path is taken)."""
+def test_winograd_convolution_at_inference(
+    in_channels: int, out_channels: int, size: int, algorithm: str, matmul_winograd
+) -> None:
+    """eval + no autograd on CPU in float32: NNPACK's Winograd in an NNPACK section, else the matrix-product one when
+    chosen; within 5e-5 of the output's scale of float64 (seen: 3e-6 to 2e-5; oneDNN's direct convolution ~3e-7),
+    not nn.Conv2d's values (the path is taken), each image as if alone, in either memory layout."""
     torch.manual_seed(0)
+    matmul_winograd(True)
     conv = WinogradConv2d(in_channels, out_channels).eval()
     x = torch.randn(3, in_channels, size, size).contiguous(memory_format=torch.channels_last)
     exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
-    with torch.no_grad():
+    with torch.no_grad(), convolution_section(x, nnpack=algorithm == "nnpack"):
         fast, direct = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)
         assert torch.equal(fast[1:2], conv(x[1:2]))  # batch = images one by one
+        assert torch.equal(conv(x.contiguous()), fast)
     assert fast.shape == exact.shape
     assert (fast.double() - exact).abs().max() < 5e-5 * exact.abs().max()
     assert not torch.equal(fast, direct)
+
+
+def test_matmul_winograd_on_any_size_multiple_of_4_only(matmul_winograd) -> None:
+    """Non-square maps and no bias are computed like float64; a side that is not a multiple of 4 gets oneDNN's
+    exact values instead."""
+    torch.manual_seed(0)
+    matmul_winograd(True)
+    conv = WinogradConv2d(16, 8).eval()
+    conv.bias = None
+    x = torch.randn(2, 16, 20, 36)
+    exact = F.conv2d(x.double(), conv.weight.double(), padding=1)
+    with torch.no_grad():
+        assert (conv(x).double() - exact).abs().max() < 5e-5 * exact.abs().max()
+        odd = x[..., :34]
+        assert torch.equal(conv(odd), F.conv2d(odd, conv.weight, padding=1))
+
+
+def test_matmul_winograd_split_into_small_blocks_and_filter_groups() -> None:
+    """Buffers capped far below the default (several filter groups, several row blocks per image, a last partial
+    one): the same convolution, within float32 rounding of the unsplit one and near float64."""
+    from anomalib_dsr.model.winograd import winograd_conv3x3
+
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 32, 40, 24), 0.1 * torch.randn(48, 32, 3, 3), torch.randn(48)
+    exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
+    whole = winograd_conv3x3(x, weight, bias)
+    split = winograd_conv3x3(x, weight, bias, block_bytes=36 * 32 * 20 * 4)  # 3 groups of 16 filters, 3+3+3+1 tile rows
+    torch.testing.assert_close(split, whole, rtol=0, atol=1e-6 * whole.abs().max().item())
+    assert (split.double() - exact).abs().max() < 5e-5 * exact.abs().max()
+
+
+def test_matmul_winograd_sees_weights_written_through_data(matmul_winograd) -> None:
+    """Nothing of the weights is cached: a write through ``.data`` (which does not count as a change of the
+    parameter) shows in the next output."""
+    torch.manual_seed(0)
+    matmul_winograd(True)
+    conv = WinogradConv2d(8, 8).eval()
+    x = torch.randn(1, 8, 16, 16)
+    with torch.no_grad():
+        before = conv(x)
+        conv.weight.data.mul_(2)
+        after = conv(x)
+        exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert (after.double() - exact).abs().max() < 5e-5 * exact.abs().max()
+    assert (after - before).abs().max() > 0.1 * before.abs().max()
+
+
+def test_layer_times_its_algorithms_once_per_shape_and_keeps_the_faster(monkeypatch, caplog) -> None:
+    """Outside NNPACK sections each layer's first call per image shape, layout and thread count times the
+    matrix-product Winograd against oneDNN's direct convolution on one image, logs both, and later calls (any batch)
+    take the faster one's values; training and autograd never time."""
+    import anomalib_dsr.model.unet as unet_module
+    from anomalib_dsr.model.winograd import winograd_conv3x3
+
+    torch.manual_seed(0)
+    timed: list[int] = []
+
+    def fake(first, second):
+        timed.append(1)
+        assert first().shape[0] == second().shape[0] == 1
+        return faster, 1e-3, 2e-3
+
+    monkeypatch.setattr(unet_module, "_faster", fake)
+    x = torch.randn(2, 8, 16, 16)
+    for faster in (True, False):
+        timed.clear()
+        conv = WinogradConv2d(8, 4).eval()
+
+        def expected(x: torch.Tensor) -> torch.Tensor:
+            if faster:
+                return winograd_conv3x3(x, conv.weight, conv.bias)
+            return F.conv2d(x, conv.weight, conv.bias, padding=1)
+
+        with torch.no_grad(), caplog.at_level("DEBUG", logger="anomalib_dsr.model.unet"):
+            assert torch.equal(conv(x), expected(x)) and torch.equal(conv(x[:1]), expected(x[:1]))
+            assert len(timed) == 1
+            conv(x.contiguous(memory_format=torch.channels_last))  # another layout: timed again
+            conv(x[:, :, :8])  # another shape: timed again
+            assert len(timed) == 3
+        conv(x)  # autograd on: never timed
+        conv.train()
+        with torch.no_grad():
+            conv(torch.randn(1, 8, 12, 12))
+        assert len(timed) == 3
+    assert "matrix-product Winograd 1.00 ms, oneDNN 2.00 ms per image" in caplog.text
 
 
 def test_winograd_convolution_is_nn_conv2d_elsewhere() -> None:
@@ -116,9 +219,10 @@ def test_max_pool_without_autograd_has_max_pool2d_values_and_keeps_its_gradient(
     assert set(grad.unique().tolist()) == {0.0, 1.0}
 
 
-def test_convolution_section_sets_threads_and_choice_and_restores_them() -> None:
-    """One torch thread inside a Winograd section on one image only; oneDNN sections and batches keep the count; the
+def test_convolution_section_sets_threads_and_choice_and_restores_them(matmul_winograd) -> None:
+    """One torch thread inside an NNPACK section on one image only; other sections and batches keep the count; the
     calling thread's count and the choice come back, also after an exception."""
+    matmul_winograd(False)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -126,28 +230,31 @@ def test_convolution_section_sets_threads_and_choice_and_restores_them() -> None
         one, two = torch.rand(1, 3, 32, 32), torch.rand(2, 3, 32, 32)
         seen = []
         with torch.no_grad():
-            for x, winograd in ((one, True), (two, True), (one, False)):
-                with convolution_section(x, winograd=winograd):
-                    seen.append((torch.get_num_threads(), torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))))
+            for x, nnpack in ((one, True), (two, True), (one, False)):
+                with convolution_section(x, nnpack=nnpack):
+                    direct = torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+                    seen.append((torch.get_num_threads(), direct))
             assert seen == [(1, False), (2, False), (2, True)]  # oneDNN: nn.Conv2d's exact values
-            with pytest.raises(RuntimeError, match="inside"), convolution_section(one, winograd=True):
+            with pytest.raises(RuntimeError, match="inside"), convolution_section(one, nnpack=True):
+                assert not torch.equal(conv(one), F.conv2d(one, conv.weight, conv.bias, padding=1))  # NNPACK
                 raise RuntimeError("inside")
             assert torch.get_num_threads() == 2
-            assert not torch.equal(conv(one), F.conv2d(one, conv.weight, conv.bias, padding=1))  # Winograd again
+            assert torch.equal(conv(one), F.conv2d(one, conv.weight, conv.bias, padding=1))  # the layer's own again
     finally:
         torch.set_num_threads(threads)
 
 
 def test_run_fastest_measures_once_per_shape_and_keeps_the_faster(monkeypatch, caplog) -> None:
-    """The first inference call of a U-Net per input shape times both paths and logs them; later calls reuse the
-    choice; the output is the chosen path's; training and autograd never measure."""
+    """The first inference call of a U-Net per input shape times an NNPACK section against the layers' own choices
+    and logs both; later calls reuse the choice; the output is the chosen section's; training and autograd never
+    measure."""
     import anomalib_dsr.model.unet as unet_module
 
     torch.manual_seed(0)
     unet = UNet(3, width=4).eval()
     one = torch.rand(1, 3, 32, 32)
     measured: list[tuple[int, ...]] = []
-    original = unet_module._winograd_is_faster
+    original = unet_module._nnpack_is_faster
     for faster in (True, False):
         unet_module._FASTEST.pop(unet, None)
 
@@ -155,18 +262,18 @@ def test_run_fastest_measures_once_per_shape_and_keeps_the_faster(monkeypatch, c
             measured.append(tuple(x.shape))
             return faster
 
-        monkeypatch.setattr(unet_module, "_winograd_is_faster", fake)
+        monkeypatch.setattr(unet_module, "_nnpack_is_faster", fake)
         with torch.no_grad():
             first, second = unet(one), unet(one)
-            with convolution_section(one, winograd=faster):
+            with convolution_section(one, nnpack=faster):
                 expected = unet.decoder(*unet.encoder(one))
         assert torch.equal(first, second) and torch.equal(first, expected)
     assert measured == [(1, 3, 32, 32)] * 2
     unet(one)  # autograd on: no measurement
     assert len(measured) == 2
 
-    monkeypatch.setattr(unet_module, "_winograd_is_faster", original)
+    monkeypatch.setattr(unet_module, "_nnpack_is_faster", original)
     unet_module._FASTEST.pop(unet, None)
     with caplog.at_level("INFO", logger="anomalib_dsr.model.unet"), torch.no_grad():
         unet(one)
-    assert "UNet on (1, 3, 32, 32): NNPACK Winograd" in caplog.text and "oneDNN" in caplog.text
+    assert "UNet on (1, 3, 32, 32): NNPACK Winograd" in caplog.text and "per-layer choice" in caplog.text

@@ -84,7 +84,8 @@ class Dsr(AnomalibModule):
         channels_last: weights and input in the ``channels_last`` memory layout, in training too (outputs
             match the default layout to float32 rounding). Off by default: training is slower in fp32 on CPUs
             without native bf16; on GPUs it is the layout tensor cores use, not measured here (README, "Speed").
-            Inference on CPU runs the U-Nets' and D_spc's 3x3 convolutions as Winograd convolutions either way.
+            Inference on CPU times Winograd against direct algorithms for the U-Nets' and D_spc's 3x3 convolutions
+            either way.
 
     Mixed precision: ``Engine(precision="bf16-mixed")`` (or ``Trainer``) trains and tests under bf16 autocast; the
     general VQ-VAE's encoders and distances, phase 2's replacement codes and the restriction modules stay in fp32, so

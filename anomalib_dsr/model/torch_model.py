@@ -116,8 +116,8 @@ class DsrModel(nn.Module):
             scales it with the input size (:func:`score_window_for`).
         channels_last: weights and input in the ``channels_last`` memory layout, in training too (the layout
             tensor cores and oneDNN's bf16 kernels work in); slower on this project's CPU (README "Speed").
-            Inference on CPU runs the U-Nets' and D_spc's 3x3 convolutions as Winograd convolutions either way
-            (:class:`~anomalib_dsr.model.unet.WinogradConv2d`).
+            Inference on CPU times Winograd against direct algorithms for the U-Nets' and D_spc's 3x3 convolutions
+            either way (:class:`~anomalib_dsr.model.unet.WinogradConv2d`).
     """
 
     def __init__(

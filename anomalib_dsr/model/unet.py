@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anomalib_dsr.model import winograd
 from anomalib_dsr.model.graph_capture import capturing_graph
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,8 @@ def _nnpack_ready() -> bool:
 
 
 def winograd_inference(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether :class:`WinogradConv2d` layers of ``module`` compute ``x`` with NNPACK: eval mode, no autograd, CPU,
-    float32, no autocast, no graph capture, NNPACK built in."""
+    """Whether :class:`WinogradConv2d` layers of ``module`` may compute ``x`` as Winograd convolutions: eval mode, no
+    autograd, CPU, float32, no autocast, no graph capture."""
     return not (
         module.training
         or torch.is_grad_enabled()
@@ -94,26 +95,37 @@ def winograd_inference(module: nn.Module, x: torch.Tensor) -> bool:
         or x.dtype != torch.float32
         or torch.is_autocast_enabled("cpu")
         or capturing_graph()
-        or not _nnpack_ready()
     )
 
 
-# Whether WinogradConv2d layers run NNPACK in the current section (see run_fastest); outside sections they do.
-_WINOGRAD: ContextVar[bool] = ContextVar("dsr_winograd", default=True)
-# Per module, the measured choice by (input shape, torch threads): True = NNPACK's Winograd, False = oneDNN's.
+def _faster(first: Callable[[], object], second: Callable[[], object]) -> tuple[bool, float, float]:
+    """Whether ``first()`` runs faster than ``second()``: one warm-up each, then the best of two alternating calls
+    each; also both times in seconds."""
+    best = [math.inf, math.inf]
+    for timed, index in ((False, 0), (False, 1), (True, 0), (True, 1), (True, 0), (True, 1)):
+        start = time.perf_counter()
+        (first, second)[index]()
+        if timed:
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best[0] < best[1], best[0], best[1]
+
+
+# Whether WinogradConv2d layers run NNPACK in the current section (see run_fastest); outside sections they do not.
+_NNPACK: ContextVar[bool] = ContextVar("dsr_nnpack", default=False)
+# Per module, the measured choice by (input shape, torch threads): True = NNPACK's Winograd, False = each layer's own.
 _FASTEST: WeakKeyDictionary[nn.Module, dict[tuple[tuple[int, ...], int], bool]] = WeakKeyDictionary()
 
 
 @contextmanager
-def convolution_section(x: torch.Tensor, *, winograd: bool) -> Iterator[None]:
-    """Around a run of :class:`WinogradConv2d` layers on ``x``: NNPACK's Winograd convolutions if ``winograd``,
-    else ``nn.Conv2d``'s (oneDNN's). With Winograd on one image, torch's other ops (InstanceNorm, ReLU, pooling,
+def convolution_section(x: torch.Tensor, *, nnpack: bool) -> Iterator[None]:
+    """Around a run of :class:`WinogradConv2d` layers on ``x``: NNPACK's Winograd convolutions if ``nnpack``, else
+    each layer's measured choice. With NNPACK on one image, torch's other ops (InstanceNorm, ReLU, pooling,
     upsampling, cat) run on the calling thread only, the convolutions on all of NNPACK's threads: NNPACK has its own
     thread pool beside torch's OpenMP threads, and the idle workers of each spin for some milliseconds after each use,
     taking a core from the other pool's work. Restores the calling thread's count and the choice on exit."""
-    token = _WINOGRAD.set(winograd)
+    token = _NNPACK.set(nnpack)
     threads = torch.get_num_threads()
-    one_thread = winograd and x.shape[0] == 1 and threads > 1
+    one_thread = nnpack and x.shape[0] == 1 and threads > 1
     if one_thread:
         torch.set_num_threads(1)
     try:
@@ -121,67 +133,99 @@ def convolution_section(x: torch.Tensor, *, winograd: bool) -> Iterator[None]:
     finally:
         if one_thread:
             torch.set_num_threads(threads)
-        _WINOGRAD.reset(token)
+        _NNPACK.reset(token)
 
 
 def run_fastest(module: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``body(x)``, a run of ``module``'s :class:`WinogradConv2d` layers, in the faster :func:`convolution_section`.
 
     Which one is faster depends on the CPU, the shapes and the threads: on a 2-core AMD EPYC Zen 4 NNPACK's Winograd
-    made a paper-width U-Net about 1.4x faster at batch 1, on a 2-core Intel Xeon (Sapphire Rapids) oneDNN's direct
-    convolutions are as fast or faster (docs/speed.md). So, as cuDNN's benchmark mode does, the first inference call of
-    ``module`` for each input shape and thread count times both (alternating, best of two each) and keeps the faster;
-    the times are logged. Outside Winograd inference (:func:`winograd_inference`) ``body`` runs as it is.
+    made a paper-width U-Net about 1.4x faster at batch 1, on a 2-core Intel Xeon (Sapphire Rapids) the layers' own
+    choices of oneDNN's direct convolution and the matrix-product Winograd are faster (docs/speed.md). So, as cuDNN's
+    benchmark mode does, the first inference call of ``module`` for each input shape and thread count times both
+    (alternating, best of two each) and keeps the faster; the times are logged. Outside Winograd inference
+    (:func:`winograd_inference`) ``body`` runs as it is.
     """
     if not winograd_inference(module, x):
         return body(x)
     choices = _FASTEST.setdefault(module, {})
     key = (tuple(x.shape), torch.get_num_threads())
     if key not in choices:
-        choices[key] = _winograd_is_faster(module, x, body)
-    with convolution_section(x, winograd=choices[key]):
+        choices[key] = _nnpack_ready() and _nnpack_is_faster(module, x, body)
+    with convolution_section(x, nnpack=choices[key]):
         return body(x)
 
 
-def _winograd_is_faster(module: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor], torch.Tensor]) -> bool:
-    """Time ``body(x)`` with NNPACK's and with oneDNN's convolutions: one warm-up each, then the best of two
-    alternating calls each."""
-    best = {True: math.inf, False: math.inf}
-    for timed, winograd in ((False, True), (False, False), (True, True), (True, False), (True, True), (True, False)):
-        with convolution_section(x, winograd=winograd):
-            start = time.perf_counter()
+def _nnpack_is_faster(module: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Time ``body(x)`` in an NNPACK section and in a section of the layers' own choices."""
+
+    def run(nnpack: bool) -> None:
+        with convolution_section(x, nnpack=nnpack):
             body(x)
-            if timed:
-                best[winograd] = min(best[winograd], time.perf_counter() - start)
+
+    faster, nnpack_time, own_time = _faster(lambda: run(True), lambda: run(False))
     logger.info(
-        "%s on %s: NNPACK Winograd %.1f ms, oneDNN %.1f ms per call: using %s",
-        type(module).__name__, tuple(x.shape), 1e3 * best[True], 1e3 * best[False],
-        "NNPACK Winograd" if best[True] < best[False] else "oneDNN",
+        "%s on %s: NNPACK Winograd %.1f ms, per-layer choice %.1f ms per call: using %s",
+        type(module).__name__, tuple(x.shape), 1e3 * nnpack_time, 1e3 * own_time,
+        "NNPACK Winograd" if faster else "per-layer choice",
     )
-    return best[True] < best[False]
+    return faster
+
+
+# Per layer: by (image shape, contiguity, torch threads), whether the matrix-product Winograd was faster than
+# oneDNN's direct convolution.
+_MATMUL_FASTER: WeakKeyDictionary[nn.Module, dict[tuple[tuple[int, ...], bool, int], bool]] = WeakKeyDictionary()
 
 
 class WinogradConv2d(nn.Conv2d):
     """Convolution 3x3, padding 1: ``(B, in, h, w)`` → ``(B, out, h, w)``. In inference on CPU in float32
-    (:func:`winograd_inference`) NNPACK's Winograd convolution, one image at a time (its inference algorithm), unless
-    the enclosing :func:`run_fastest` measured oneDNN's to be faster; otherwise ``nn.Conv2d``'s.
+    (:func:`winograd_inference`) one of three algorithms, each chosen by timing (see :func:`run_fastest`):
 
-    For the modules after the last code choice only: its float32 error is about 10x oneDNN's direct convolution's
-    (2e-5 of the output's scale against 2e-6), the kind that cuDNN's Winograd kernels give on GPUs. Not for modules
-    ahead of a quantiser, where that rounding could flip a code at a tie: the subspace restriction modules keep
-    ``nn.Conv2d``.
+    - in an NNPACK section, NNPACK's Winograd convolution F(6x6, 3x3), one image at a time (its inference algorithm);
+    - elsewhere, whichever this layer measured faster at its first call per image shape and thread count: oneDNN's
+      direct convolution (``nn.Conv2d``'s) or the Winograd convolution F(4x4, 3x3) as matrix products
+      (:mod:`anomalib_dsr.model.winograd`; on a 2-core Intel Xeon up to 1.5x faster on maps of 64x64 and less with
+      256 channels or more, slower on 256x256).
+
+    Otherwise ``nn.Conv2d``'s. For the modules after the last code choice only: both Winograd algorithms' float32
+    error is about 10x oneDNN's direct convolution's (1-2e-5 of the output's scale against 2e-6), the kind that
+    cuDNN's Winograd kernels give on GPUs. Not for modules ahead of a quantiser, where that rounding could flip a code
+    at a tie: the subspace restriction modules keep ``nn.Conv2d``.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_WINOGRAD.get() and winograd_inference(self, x)):
+        if not winograd_inference(self, x):
             return super().forward(x)
-        weight = self.weight.contiguous()  # NNPACK reads NCHW; Dsr(channels_last=True) keeps weights channels_last
-        images = x.contiguous().split(1)
-        outputs = [torch._nnpack_spatial_convolution(image, weight, self.bias, self.padding) for image in images]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if _NNPACK.get():
+            weight = self.weight.contiguous()  # NNPACK reads NCHW; Dsr(channels_last=True) keeps weights channels_last
+            images = x.contiguous().split(1)
+            outputs = [torch._nnpack_spatial_convolution(image, weight, self.bias, self.padding) for image in images]
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        if winograd.supported(x) and self._matmul_is_faster(x):
+            return winograd.winograd_conv3x3(x, self.weight, self.bias)
+        return super().forward(x)
+
+    def _matmul_is_faster(self, x: torch.Tensor) -> bool:
+        """Whether the matrix-product Winograd computes ``x`` faster than oneDNN: timed on its first image only (so a
+        batch costs no more to time than one image), once per image shape, layout and thread count; logged at debug
+        level."""
+        choices = _MATMUL_FASTER.setdefault(self, {})
+        key = (tuple(x.shape[1:]), x.is_contiguous(), torch.get_num_threads())
+        if key not in choices:
+            image = x[:1]
+            faster, matmul_time, direct_time = _faster(
+                lambda: winograd.winograd_conv3x3(image, self.weight, self.bias),
+                lambda: super(WinogradConv2d, self).forward(image),
+            )
+            choices[key] = faster
+            logger.debug(
+                "%s on %s: matrix-product Winograd %.2f ms, oneDNN %.2f ms per image",
+                self, key[0], 1e3 * matmul_time, 1e3 * direct_time,
+            )
+        return choices[key]
 
 
 class MaxPool2x2(nn.MaxPool2d):
