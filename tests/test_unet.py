@@ -118,16 +118,17 @@ def test_matmul_winograd_on_any_size_multiple_of_4_only(matmul_winograd) -> None
 
 def test_matmul_winograd_split_into_small_blocks_and_filter_groups() -> None:
     """Buffers capped far below the default (several filter groups, several row blocks per image, a last partial
-    one): the same convolution, within float32 rounding of the unsplit one and near float64."""
+    one): the same convolution, as near float64 as the unsplit one (not bit-equal: the matrix products' sizes, and
+    so BLAS's summation order, differ, and Winograd's transforms magnify that to ~3e-6 of the scale)."""
     from anomalib_dsr.model.winograd import winograd_conv3x3
 
     torch.manual_seed(0)
-    x, weight, bias = torch.randn(2, 32, 40, 24), 0.1 * torch.randn(48, 32, 3, 3), torch.randn(48)
+    x, weight, bias = torch.randn(2, 32, 40, 24), 0.1 * torch.randn(40, 32, 3, 3), torch.randn(40)
     exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
     whole = winograd_conv3x3(x, weight, bias)
-    split = winograd_conv3x3(x, weight, bias, block_bytes=36 * 32 * 20 * 4)  # 3 groups of 16 filters, 3+3+3+1 tile rows
-    torch.testing.assert_close(split, whole, rtol=0, atol=1e-6 * whole.abs().max().item())
-    assert (split.double() - exact).abs().max() < 5e-5 * exact.abs().max()
+    split = winograd_conv3x3(x, weight, bias, block_bytes=84_000)  # filters in groups of 14, 14, 12; tile rows 3, 3, 3, 1
+    for result in (whole, split):
+        assert (result.double() - exact).abs().max() < 5e-5 * exact.abs().max()
 
 
 def test_matmul_winograd_sees_weights_written_through_data(matmul_winograd) -> None:
