@@ -126,7 +126,7 @@ def test_matmul_winograd_split_into_small_blocks_and_filter_groups() -> None:
     x, weight, bias = torch.randn(2, 32, 40, 24), 0.1 * torch.randn(40, 32, 3, 3), torch.randn(40)
     exact = F.conv2d(x.double(), weight.double(), bias.double(), padding=1)
     whole = winograd_conv3x3(x, weight, bias)
-    split = winograd_conv3x3(x, weight, bias, block_bytes=84_000)  # filters in groups of 14, 14, 12; tile rows 3, 3, 3, 1
+    split = winograd_conv3x3(x, weight, bias, block_bytes=84_000)  # filter groups 14, 14, 12; tile rows 3, 3, 3, 1
     for result in (whole, split):
         assert (result.double() - exact).abs().max() < 5e-5 * exact.abs().max()
 
