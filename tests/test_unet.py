@@ -1,8 +1,8 @@
 """The U-Nets' InstanceNorm (``anomalib_dsr.model.unet.InstanceNorm2d``): as accurate as ``nn.InstanceNorm2d`` against
 float64, on channels of large mean and tiny spread too, in both memory layouts and in a captured graph; the
 same values and gradients; its input overwritten only when asked. The U-Nets' Winograd convolutions
-(``WinogradConv2d``): taken only at inference, chosen by timing, near float64 there, ``nn.Conv2d`` everywhere
-else."""
+(``WinogradConv2d``) and upsampling (``Upsample2x``): their faster algorithms taken only at inference, chosen by
+timing, near float64 there, ``nn.Conv2d``'s and ``nn.Upsample``'s everywhere else."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_dsr.model.unet import InstanceNorm2d, MaxPool2x2, UNet, WinogradConv2d, convolution_section
+from anomalib_dsr.model.unet import (
+    InstanceNorm2d,
+    MaxPool2x2,
+    UNet,
+    Upsample2x,
+    WinogradConv2d,
+    convolution_section,
+)
 
 LAYOUTS = pytest.mark.parametrize(
     "layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"]
@@ -69,30 +76,33 @@ def test_values_and_gradients_of_instance_norm(layout: torch.memory_format, inpl
 
 
 @pytest.fixture
-def matmul_winograd(monkeypatch):
-    """Make every WinogradConv2d outside NNPACK sections take the matrix-product Winograd (``True``) or oneDNN's direct
-    convolution (``False``) instead of timing them: ``matmul_winograd(choice)``."""
+def algorithm(monkeypatch):
+    """Make every layer that times its algorithms take the one named, where it is offered, else its own (the first),
+    instead of timing them: ``algorithm(name)``."""
+    import anomalib_dsr.model.unet as unet_module
 
-    def choose(choice: bool) -> None:
-        monkeypatch.setattr(WinogradConv2d, "_matmul_is_faster", lambda self, x: choice)
+    def choose(name: str) -> None:
+        monkeypatch.setattr(
+            unet_module, "fastest_algorithm", lambda module, x, algorithms: name if name in algorithms else next(iter(algorithms))
+        )
 
     return choose
 
 
-@pytest.mark.parametrize("algorithm", ["nnpack", "matmul"])
+@pytest.mark.parametrize("winograd", ["nnpack", "matmul"])
 @pytest.mark.parametrize(("in_channels", "out_channels", "size"), [(6, 64, 128), (128, 64, 64), (512, 512, 16)])
 def test_winograd_convolution_at_inference(
-    in_channels: int, out_channels: int, size: int, algorithm: str, matmul_winograd
+    in_channels: int, out_channels: int, size: int, winograd: str, algorithm
 ) -> None:
     """eval + no autograd on CPU in float32: NNPACK's Winograd in an NNPACK section, else the matrix-product one when
     chosen; within 5e-5 of the output's scale of float64 (seen: 3e-6 to 2e-5; oneDNN's direct convolution ~3e-7),
     not nn.Conv2d's values (the path is taken), each image as if alone, in either memory layout."""
     torch.manual_seed(0)
-    matmul_winograd(True)
+    algorithm("matrix-product Winograd")
     conv = WinogradConv2d(in_channels, out_channels).eval()
     x = torch.randn(3, in_channels, size, size).contiguous(memory_format=torch.channels_last)
     exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
-    with torch.no_grad(), convolution_section(x, nnpack=algorithm == "nnpack"):
+    with torch.no_grad(), convolution_section(x, nnpack=winograd == "nnpack"):
         fast, direct = conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1)
         assert torch.equal(fast[1:2], conv(x[1:2]))  # batch = images one by one
         assert torch.equal(conv(x.contiguous()), fast)
@@ -101,11 +111,11 @@ def test_winograd_convolution_at_inference(
     assert not torch.equal(fast, direct)
 
 
-def test_matmul_winograd_on_any_size_multiple_of_4_only(matmul_winograd) -> None:
+def test_matmul_winograd_on_any_size_multiple_of_4_only(algorithm) -> None:
     """Non-square maps and no bias are computed like float64; a side that is not a multiple of 4 gets oneDNN's
     exact values instead."""
     torch.manual_seed(0)
-    matmul_winograd(True)
+    algorithm("matrix-product Winograd")
     conv = WinogradConv2d(16, 8).eval()
     conv.bias = None
     x = torch.randn(2, 16, 20, 36)
@@ -131,11 +141,11 @@ def test_matmul_winograd_split_into_small_blocks_and_filter_groups() -> None:
         assert (result.double() - exact).abs().max() < 5e-5 * exact.abs().max()
 
 
-def test_matmul_winograd_sees_weights_written_through_data(matmul_winograd) -> None:
+def test_matmul_winograd_sees_weights_written_through_data(algorithm) -> None:
     """Nothing of the weights is cached: a write through ``.data`` (which does not count as a change of the
     parameter) shows in the next output."""
     torch.manual_seed(0)
-    matmul_winograd(True)
+    algorithm("matrix-product Winograd")
     conv = WinogradConv2d(8, 8).eval()
     x = torch.randn(1, 8, 16, 16)
     with torch.no_grad():
@@ -147,44 +157,88 @@ def test_matmul_winograd_sees_weights_written_through_data(matmul_winograd) -> N
     assert (after - before).abs().max() > 0.1 * before.abs().max()
 
 
-def test_layer_times_its_algorithms_once_per_shape_and_keeps_the_faster(monkeypatch, caplog) -> None:
-    """Outside NNPACK sections each layer's first call per image shape, layout and thread count times the
-    matrix-product Winograd against oneDNN's direct convolution on one image, logs both, and later calls (any batch)
-    take the faster one's values; training and autograd never time."""
+def test_layer_times_its_algorithms_once_per_shape_and_keeps_the_fastest(monkeypatch, caplog) -> None:
+    """Outside NNPACK sections each layer's first call per image shape, layout and thread count times the algorithms
+    it is offered on one image, logs their times, and later calls (any batch) take the fastest one's values; training
+    and autograd never time. Tap sums are offered only to layers with at most a ninth as many filters as inputs."""
     import anomalib_dsr.model.unet as unet_module
+    from anomalib_dsr.model.tap_sums import tap_sum_conv3x3
     from anomalib_dsr.model.winograd import winograd_conv3x3
 
     torch.manual_seed(0)
-    timed: list[int] = []
+    timed: list[list[str]] = []
 
-    def fake(first, second):
-        timed.append(1)
-        assert first().shape[0] == second().shape[0] == 1
-        return faster, 1e-3, 2e-3
+    def fake(candidates):
+        timed.append(list(candidates))
+        assert all(run().shape[0] == 1 for run in candidates.values())
+        return fastest, {name: 1e-3 * (index + 1) for index, name in enumerate(candidates)}
 
-    monkeypatch.setattr(unet_module, "_faster", fake)
-    x = torch.randn(2, 8, 16, 16)
-    for faster in (True, False):
+    monkeypatch.setattr(unet_module, "_fastest", fake)
+    x = torch.randn(2, 18, 16, 16)
+    algorithms = {
+        "oneDNN": lambda conv, x: F.conv2d(x, conv.weight, conv.bias, padding=1),
+        "matrix-product Winograd": lambda conv, x: winograd_conv3x3(x, conv.weight, conv.bias),
+        "tap sums": lambda conv, x: tap_sum_conv3x3(x, conv.weight, conv.bias),
+    }
+    for fastest, expected in algorithms.items():
         timed.clear()
-        conv = WinogradConv2d(8, 4).eval()
-
-        def expected(x: torch.Tensor) -> torch.Tensor:
-            if faster:
-                return winograd_conv3x3(x, conv.weight, conv.bias)
-            return F.conv2d(x, conv.weight, conv.bias, padding=1)
-
+        conv = WinogradConv2d(18, 2).eval()
         with torch.no_grad(), caplog.at_level("DEBUG", logger="anomalib_dsr.model.unet"):
-            assert torch.equal(conv(x), expected(x)) and torch.equal(conv(x[:1]), expected(x[:1]))
-            assert len(timed) == 1
+            assert torch.equal(conv(x), expected(conv, x)) and torch.equal(conv(x[:1]), expected(conv, x[:1]))
+            assert timed == [list(algorithms)]
             conv(x.contiguous(memory_format=torch.channels_last))  # another layout: timed again
             conv(x[:, :, :8])  # another shape: timed again
             assert len(timed) == 3
         conv(x)  # autograd on: never timed
         conv.train()
         with torch.no_grad():
-            conv(torch.randn(1, 8, 12, 12))
+            conv(torch.randn(1, 18, 12, 12))
         assert len(timed) == 3
-    assert "matrix-product Winograd 1.00 ms, oneDNN 2.00 ms per image" in caplog.text
+    assert "oneDNN 1.00 ms, matrix-product Winograd 2.00 ms, tap sums 3.00 ms per image: using tap sums" in caplog.text
+    timed.clear()
+    fastest = "oneDNN"
+    with torch.no_grad():
+        WinogradConv2d(18, 3).eval()(x)
+        WinogradConv2d(18, 2).eval()(x[..., :10])  # a side not a multiple of 4: no Winograd
+    assert timed == [["oneDNN", "matrix-product Winograd"], ["oneDNN", "tap sums"]]
+
+
+@pytest.mark.parametrize(("filters", "size"), [(2, 32), (3, 1), (1, 7)])
+def test_tap_sums_compute_the_convolution(filters: int, size: int, algorithm) -> None:
+    """The tap sums, when chosen, are the 3x3 convolution within float32 rounding of float64 (seen: 2e-7 of the
+    scale, oneDNN's level), with and without bias, on maps down to 1x1 and in either layout."""
+    torch.manual_seed(0)
+    algorithm("tap sums")
+    conv = WinogradConv2d(9 * filters + 1, filters).eval()
+    x = torch.randn(2, 9 * filters + 1, size, size + 4)
+    with torch.no_grad():
+        for bias in (conv.bias, None):
+            conv.bias = bias
+            exact = F.conv2d(x.double(), conv.weight.double(), None if bias is None else bias.double(), padding=1)
+            fast = conv(x)
+            assert fast.shape == exact.shape
+            assert (fast.double() - exact).abs().max() < 2e-6 * exact.abs().max()
+            assert torch.equal(conv(x.contiguous(memory_format=torch.channels_last)), fast)
+
+
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (5, 12), (1, 1)])
+def test_upsampling_by_matrix_products_is_bilinear_with_aligned_corners(height: int, width: int, algorithm) -> None:
+    """At inference, when chosen, the matrix products are float64's bilinear x2 with aligned corners within 1e-6 of
+    the scale (torch's float32 kernel: up to 3e-5); elsewhere ``nn.Upsample``'s exact values."""
+    torch.manual_seed(0)
+    up = Upsample2x().eval()
+    x = torch.randn(2, 3, height, width)
+    exact = F.interpolate(x.double(), scale_factor=2, mode="bilinear", align_corners=True)
+    torch_kernel = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+    assert torch.equal(up(x), torch_kernel)  # autograd on
+    algorithm("matrix products")
+    with torch.no_grad():
+        fast = up(x)
+        assert torch.equal(up.train()(x), torch_kernel)
+    assert fast.shape == exact.shape
+    assert (fast.double() - exact).abs().max() < 1e-6 * exact.abs().max()
+    if height > 1:
+        assert not torch.equal(fast, torch_kernel)
 
 
 def test_winograd_convolution_is_nn_conv2d_elsewhere() -> None:
@@ -220,10 +274,10 @@ def test_max_pool_without_autograd_has_max_pool2d_values_and_keeps_its_gradient(
     assert set(grad.unique().tolist()) == {0.0, 1.0}
 
 
-def test_convolution_section_sets_threads_and_choice_and_restores_them(matmul_winograd) -> None:
+def test_convolution_section_sets_threads_and_choice_and_restores_them(algorithm) -> None:
     """One torch thread inside an NNPACK section on one image only; other sections and batches keep the count; the
     calling thread's count and the choice come back, also after an exception."""
-    matmul_winograd(False)
+    algorithm("oneDNN")
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -21,8 +21,8 @@ class ObjectSpecificDecoder(nn.Module):
 
     def __init__(self, in_channels: int = 256, bottleneck: int = 64, channels: int = 128, res_hidden: int = 64) -> None:
         super().__init__()
-        self.block1 = double_conv(in_channels, in_channels, 2 * in_channels, winograd=True)
-        self.block2 = double_conv(2 * in_channels, 2 * in_channels, 4 * in_channels, winograd=True)
+        self.block1 = double_conv(in_channels, in_channels, 2 * in_channels, timed=True)
+        self.block2 = double_conv(2 * in_channels, 2 * in_channels, 4 * in_channels, timed=True)
         self.pool = MaxPool2x2()
         self.bottleneck = nn.Conv2d(4 * in_channels, bottleneck, 1)
         self.upblock1 = nn.ConvTranspose2d(bottleneck, bottleneck, 4, stride=2, padding=1)

@@ -13,9 +13,9 @@ class RestrictionEncoder(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.block1 = double_conv(channels, channels, channels, winograd=False)
-        self.block2 = double_conv(channels, 2 * channels, 2 * channels, winograd=False)
-        self.block3 = double_conv(2 * channels, 4 * channels, 4 * channels, winograd=False)
+        self.block1 = double_conv(channels, channels, channels, timed=False)
+        self.block2 = double_conv(channels, 2 * channels, 2 * channels, timed=False)
+        self.block3 = double_conv(2 * channels, 4 * channels, 4 * channels, timed=False)
         self.pool = MaxPool2x2()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -27,10 +27,10 @@ class RestrictionDecoder(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.up2 = up_conv(4 * channels, 2 * channels, winograd=False)
-        self.db2 = double_conv(2 * channels, 2 * channels, 2 * channels, winograd=False)
-        self.up3 = up_conv(2 * channels, channels, winograd=False)
-        self.db3 = double_conv(channels, channels, channels, winograd=False)
+        self.up2 = up_conv(4 * channels, 2 * channels, timed=False)
+        self.db2 = double_conv(2 * channels, 2 * channels, 2 * channels, timed=False)
+        self.up3 = up_conv(2 * channels, channels, timed=False)
+        self.db3 = double_conv(channels, channels, channels, timed=False)
         self.fin_out = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

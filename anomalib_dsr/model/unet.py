@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from functools import cache
+from functools import cache, partial
 from weakref import WeakKeyDictionary
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 
 from anomalib_dsr.model import winograd
 from anomalib_dsr.model.graph_capture import capturing_graph
+from anomalib_dsr.model.tap_sums import tap_sum_conv3x3
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +86,9 @@ def _nnpack_ready() -> bool:
     return True
 
 
-def winograd_inference(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether :class:`WinogradConv2d` layers of ``module`` may compute ``x`` as Winograd convolutions: eval mode, no
-    autograd, CPU, float32, no autocast, no graph capture."""
+def timed_inference(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` may compute ``x`` with the algorithms it times (:func:`fastest_algorithm`,
+    :func:`run_fastest`): eval mode, no autograd, CPU, float32, no autocast, no graph capture."""
     return not (
         module.training
         or torch.is_grad_enabled()
@@ -98,16 +99,17 @@ def winograd_inference(module: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def _faster(first: Callable[[], object], second: Callable[[], object]) -> tuple[bool, float, float]:
-    """Whether ``first()`` runs faster than ``second()``: one warm-up each, then the best of two alternating calls
-    each; also both times in seconds."""
-    best = [math.inf, math.inf]
-    for timed, index in ((False, 0), (False, 1), (True, 0), (True, 1), (True, 0), (True, 1)):
-        start = time.perf_counter()
-        (first, second)[index]()
-        if timed:
-            best[index] = min(best[index], time.perf_counter() - start)
-    return best[0] < best[1], best[0], best[1]
+def _fastest(candidates: dict[str, Callable[[], object]]) -> tuple[str, dict[str, float]]:
+    """The name of the fastest of ``candidates``: one warm-up call each, then the best of two rounds that call each in
+    turn; also each one's best time in seconds."""
+    best = dict.fromkeys(candidates, math.inf)
+    for timed in (False, True, True):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            if timed:
+                best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.__getitem__), best
 
 
 # Whether WinogradConv2d layers run NNPACK in the current section (see run_fastest); outside sections they do not.
@@ -144,9 +146,9 @@ def run_fastest(module: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor
     choices of oneDNN's direct convolution and the matrix-product Winograd are faster (docs/speed.md). So, as cuDNN's
     benchmark mode does, the first inference call of ``module`` for each input shape and thread count times both
     (alternating, best of two each) and keeps the faster; the times are logged. Outside Winograd inference
-    (:func:`winograd_inference`) ``body`` runs as it is.
+    (:func:`timed_inference`) ``body`` runs as it is.
     """
-    if not winograd_inference(module, x):
+    if not timed_inference(module, x):
         return body(x)
     choices = _FASTEST.setdefault(module, {})
     key = (tuple(x.shape), torch.get_num_threads())
@@ -163,29 +165,49 @@ def _nnpack_is_faster(module: nn.Module, x: torch.Tensor, body: Callable[[torch.
         with convolution_section(x, nnpack=nnpack):
             body(x)
 
-    faster, nnpack_time, own_time = _faster(lambda: run(True), lambda: run(False))
+    choice, times = _fastest({"NNPACK Winograd": partial(run, True), "per-layer choice": partial(run, False)})
     logger.info(
         "%s on %s: NNPACK Winograd %.1f ms, per-layer choice %.1f ms per call: using %s",
-        type(module).__name__, tuple(x.shape), 1e3 * nnpack_time, 1e3 * own_time,
-        "NNPACK Winograd" if faster else "per-layer choice",
+        type(module).__name__, tuple(x.shape), 1e3 * times["NNPACK Winograd"], 1e3 * times["per-layer choice"], choice,
     )
-    return faster
+    return choice == "NNPACK Winograd"
 
 
-# Per layer: by (image shape, contiguity, torch threads), whether the matrix-product Winograd was faster than
-# oneDNN's direct convolution.
-_MATMUL_FASTER: WeakKeyDictionary[nn.Module, dict[tuple[tuple[int, ...], bool, int], bool]] = WeakKeyDictionary()
+# Per layer: by (image shape, contiguity, torch threads), the name of its fastest algorithm.
+_ALGORITHM: WeakKeyDictionary[nn.Module, dict[tuple[tuple[int, ...], bool, int], str]] = WeakKeyDictionary()
+
+
+def fastest_algorithm(
+    module: nn.Module, x: torch.Tensor, algorithms: dict[str, Callable[[torch.Tensor], torch.Tensor]]
+) -> str:
+    """The name of whichever of ``algorithms`` (at least one; the first is the layer's own) computes ``x`` fastest for
+    ``module``: timed on ``x``'s first image only (so a batch costs no more to time than one image), once per image
+    shape, layout and thread count, then remembered; logged at debug level."""
+    if len(algorithms) == 1:
+        return next(iter(algorithms))
+    choices = _ALGORITHM.setdefault(module, {})
+    key = (tuple(x.shape[1:]), x.is_contiguous(), torch.get_num_threads())
+    if key not in choices:
+        image = x[:1]
+        choices[key], times = _fastest({name: partial(run, image) for name, run in algorithms.items()})
+        logger.debug(
+            "%s on %s: %s per image: using %s",
+            module, key[0], ", ".join(f"{name} {1e3 * seconds:.2f} ms" for name, seconds in times.items()), choices[key],
+        )
+    return choices[key]
 
 
 class WinogradConv2d(nn.Conv2d):
     """Convolution 3x3, padding 1: ``(B, in, h, w)`` → ``(B, out, h, w)``. In inference on CPU in float32
-    (:func:`winograd_inference`) one of three algorithms, each chosen by timing (see :func:`run_fastest`):
+    (:func:`timed_inference`) the fastest of up to four algorithms, chosen by timing:
 
-    - in an NNPACK section, NNPACK's Winograd convolution F(6x6, 3x3), one image at a time (its inference algorithm);
-    - elsewhere, whichever this layer measured faster at its first call per image shape and thread count: oneDNN's
-      direct convolution (``nn.Conv2d``'s) or the Winograd convolution F(4x4, 3x3) as matrix products
-      (:mod:`anomalib_dsr.model.winograd`; on a 2-core Intel Xeon up to 1.5x faster on maps of 64x64 and less with
-      256 channels or more, slower on 256x256).
+    - in an NNPACK section (:func:`run_fastest`), NNPACK's Winograd convolution F(6x6, 3x3), one image at a time (its
+      inference algorithm);
+    - elsewhere, whichever this layer measured fastest at its first call per image shape and thread count
+      (:func:`fastest_algorithm`): oneDNN's direct convolution (``nn.Conv2d``'s), the Winograd convolution F(4x4, 3x3)
+      as matrix products (:mod:`anomalib_dsr.model.winograd`; on a 2-core Intel Xeon up to 1.7x faster on maps up to
+      128x128, slower on 256x256), and for layers with at most a ninth as many filters as input channels (the U-Nets'
+      last) the tap sums of :mod:`anomalib_dsr.model.tap_sums`.
 
     Otherwise ``nn.Conv2d``'s. For the modules after the last code choice only: both Winograd algorithms' float32
     error is about 10x oneDNN's direct convolution's (1-2e-5 of the output's scale against 2e-6), the kind that
@@ -197,35 +219,26 @@ class WinogradConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not winograd_inference(self, x):
+        if not timed_inference(self, x):
             return super().forward(x)
         if _NNPACK.get():
             weight = self.weight.contiguous()  # NNPACK reads NCHW; Dsr(channels_last=True) keeps weights channels_last
             images = x.contiguous().split(1)
             outputs = [torch._nnpack_spatial_convolution(image, weight, self.bias, self.padding) for image in images]
             return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-        if winograd.supported(x) and self._matmul_is_faster(x):
-            return winograd.winograd_conv3x3(x, self.weight, self.bias)
-        return super().forward(x)
+        algorithms = self.algorithms(x)
+        return algorithms[fastest_algorithm(self, x, algorithms)](x)
 
-    def _matmul_is_faster(self, x: torch.Tensor) -> bool:
-        """Whether the matrix-product Winograd computes ``x`` faster than oneDNN: timed on its first image only (so a
-        batch costs no more to time than one image), once per image shape, layout and thread count; logged at debug
-        level."""
-        choices = _MATMUL_FASTER.setdefault(self, {})
-        key = (tuple(x.shape[1:]), x.is_contiguous(), torch.get_num_threads())
-        if key not in choices:
-            image = x[:1]
-            faster, matmul_time, direct_time = _faster(
-                lambda: winograd.winograd_conv3x3(image, self.weight, self.bias),
-                lambda: super(WinogradConv2d, self).forward(image),
+    def algorithms(self, x: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """The algorithms outside NNPACK sections that can compute ``x``, by name, oneDNN's first."""
+        algorithms = {"oneDNN": super().forward}
+        if winograd.supported(x):
+            algorithms["matrix-product Winograd"] = partial(
+                winograd.winograd_conv3x3, weight=self.weight, bias=self.bias
             )
-            choices[key] = faster
-            logger.debug(
-                "%s on %s: matrix-product Winograd %.2f ms, oneDNN %.2f ms per image",
-                self, key[0], 1e3 * matmul_time, 1e3 * direct_time,
-            )
-        return choices[key]
+        if 9 * self.out_channels <= self.in_channels:
+            algorithms["tap sums"] = partial(tap_sum_conv3x3, weight=self.weight, bias=self.bias)
+        return algorithms
 
 
 class MaxPool2x2(nn.MaxPool2d):
@@ -246,28 +259,72 @@ class MaxPool2x2(nn.MaxPool2d):
         return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
-def conv3x3(in_channels: int, out_channels: int, *, winograd: bool) -> nn.Conv2d:
-    """Convolution 3x3 with padding 1; :class:`WinogradConv2d` at inference if ``winograd``."""
-    return WinogradConv2d(in_channels, out_channels) if winograd else nn.Conv2d(in_channels, out_channels, 3, padding=1)
+class Upsample2x(nn.Upsample):
+    """Bilinear x2 upsampling with aligned corners: ``(B, C, h, w)`` → ``(B, C, 2h, 2w)``. At inference on CPU
+    (:func:`timed_inference`) either torch's kernel or two matrix products with the interpolation matrices
+    ``(2w, w)`` and ``(2h, h)``, whichever :func:`fastest_algorithm` measures faster: torch's kernel is slow on small
+    maps (256x32x32 on a 2-core Intel Xeon, 2026-12-07: 4.8 ms against 0.6 ms), the products' work per pixel grows with
+    the side. The products' weights come from float64, so they are nearer to exact (5e-7 of the scale) than torch's
+    kernel, whose float32 source coordinates err by up to 3e-5.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(scale_factor=2, mode="bilinear", align_corners=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not timed_inference(self, x):
+            return super().forward(x)
+        algorithms = {"torch": super().forward, "matrix products": _upsample2x_by_matmul}
+        return algorithms[fastest_algorithm(self, x, algorithms)](x)
 
 
-def double_conv(in_channels: int, mid_channels: int, out_channels: int, *, winograd: bool) -> nn.Sequential:
+@cache
+def _interpolation_matrix(side: int) -> torch.Tensor:
+    """``(2 side, side)`` float32: row ``i`` holds the weights of bilinear x2 upsampling with aligned corners, output
+    ``i`` at source coordinate ``i (side - 1) / (2 side - 1)``, computed in float64."""
+    source = torch.arange(2 * side, dtype=torch.float64) * (side - 1) / (2 * side - 1)
+    below = source.floor().long()
+    above = (below + 1).clamp(max=side - 1)
+    fraction = source - below
+    matrix = torch.zeros(2 * side, side, dtype=torch.float64)
+    rows = torch.arange(2 * side)
+    matrix.index_put_((rows, below), 1 - fraction, accumulate=True)
+    matrix.index_put_((rows, above), fraction, accumulate=True)
+    return matrix.float()
+
+
+def _upsample2x_by_matmul(x: torch.Tensor) -> torch.Tensor:
+    """:class:`Upsample2x` as ``M_h x M_wᵀ`` per channel: ``(B, C, h, w)`` float32 → ``(B, C, 2h, 2w)``."""
+    batch, channels, height, width = x.shape
+    rows = x.reshape(-1, width) @ _interpolation_matrix(width).t()  # (B * C * h, 2w)
+    upsampled = _interpolation_matrix(height) @ rows.view(-1, height, 2 * width)  # (B * C, 2h, 2w)
+    return upsampled.view(batch, channels, 2 * height, 2 * width)
+
+
+def conv3x3(in_channels: int, out_channels: int, *, timed: bool) -> nn.Conv2d:
+    """Convolution 3x3 with padding 1; a :class:`WinogradConv2d` if ``timed`` (inference times its algorithms: for
+    modules after the last code choice only)."""
+    return WinogradConv2d(in_channels, out_channels) if timed else nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+
+def double_conv(in_channels: int, mid_channels: int, out_channels: int, *, timed: bool) -> nn.Sequential:
     """[conv 3x3, InstanceNorm, ReLU] x2; shape ``(B, in, h, w)`` → ``(B, out, h, w)``."""
     return nn.Sequential(
-        conv3x3(in_channels, mid_channels, winograd=winograd),
+        conv3x3(in_channels, mid_channels, timed=timed),
         InstanceNorm2d(mid_channels, inplace=True),
         nn.ReLU(inplace=True),  # in place: the norm's backward needs its input, not its output
-        conv3x3(mid_channels, out_channels, winograd=winograd),
+        conv3x3(mid_channels, out_channels, timed=timed),
         InstanceNorm2d(out_channels, inplace=True),
         nn.ReLU(inplace=True),
     )
 
 
-def up_conv(in_channels: int, out_channels: int, *, winograd: bool) -> nn.Sequential:
-    """Bilinear x2 (align_corners), conv 3x3, InstanceNorm, ReLU; ``(B, in, h, w)`` → ``(B, out, 2h, 2w)``."""
+def up_conv(in_channels: int, out_channels: int, *, timed: bool) -> nn.Sequential:
+    """Bilinear x2 (align_corners), conv 3x3, InstanceNorm, ReLU; ``(B, in, h, w)`` → ``(B, out, 2h, 2w)``; if
+    ``timed``, the convolution is a :class:`WinogradConv2d` and the upsampling an :class:`Upsample2x`."""
     return nn.Sequential(
-        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-        conv3x3(in_channels, out_channels, winograd=winograd),
+        Upsample2x() if timed else nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+        conv3x3(in_channels, out_channels, timed=timed),
         InstanceNorm2d(out_channels, inplace=True),
         nn.ReLU(inplace=True),
     )
@@ -285,10 +342,10 @@ class UNetEncoder(nn.Module):
 
     def __init__(self, in_channels: int, width: int) -> None:
         super().__init__()
-        self.block1 = double_conv(in_channels, width, width, winograd=True)
-        self.block2 = double_conv(width, 2 * width, 2 * width, winograd=True)
-        self.block3 = double_conv(2 * width, 4 * width, 4 * width, winograd=True)
-        self.block4 = double_conv(4 * width, 4 * width, 4 * width, winograd=True)
+        self.block1 = double_conv(in_channels, width, width, timed=True)
+        self.block2 = double_conv(width, 2 * width, 2 * width, timed=True)
+        self.block3 = double_conv(2 * width, 4 * width, 4 * width, timed=True)
+        self.block4 = double_conv(4 * width, 4 * width, 4 * width, timed=True)
         self.pool = MaxPool2x2()
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -303,13 +360,13 @@ class UNetDecoder(nn.Module):
 
     def __init__(self, width: int, out_channels: int) -> None:
         super().__init__()
-        self.up1 = up_conv(4 * width, 4 * width, winograd=True)
-        self.db1 = double_conv(8 * width, 4 * width, 4 * width, winograd=True)
-        self.up2 = up_conv(4 * width, 2 * width, winograd=True)
-        self.db2 = double_conv(4 * width, 2 * width, 2 * width, winograd=True)
-        self.up3 = up_conv(2 * width, width, winograd=True)
-        self.db3 = double_conv(2 * width, width, width, winograd=True)
-        self.fin_out = nn.Sequential(conv3x3(width, out_channels, winograd=True))
+        self.up1 = up_conv(4 * width, 4 * width, timed=True)
+        self.db1 = double_conv(8 * width, 4 * width, 4 * width, timed=True)
+        self.up2 = up_conv(4 * width, 2 * width, timed=True)
+        self.db2 = double_conv(4 * width, 2 * width, 2 * width, timed=True)
+        self.up3 = up_conv(2 * width, width, timed=True)
+        self.db3 = double_conv(2 * width, width, width, timed=True)
+        self.fin_out = nn.Sequential(conv3x3(width, out_channels, timed=True))
 
     def forward(self, b1: torch.Tensor, b2: torch.Tensor, b3: torch.Tensor, b4: torch.Tensor) -> torch.Tensor:
         x = self.db1(torch.cat((self.up1(b4), b3), dim=1))
