@@ -145,7 +145,7 @@ def run_fastest(module: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor
     made a paper-width U-Net about 1.4x faster at batch 1, on a 2-core Intel Xeon (Sapphire Rapids) the layers' own
     choices of oneDNN's direct convolution and the matrix-product Winograd are faster (docs/speed.md). So, as cuDNN's
     benchmark mode does, the first inference call of ``module`` for each input shape and thread count times both
-    (alternating, best of two each) and keeps the faster; the times are logged. Outside Winograd inference
+    (alternating, best of two each) and keeps the faster; the times are logged. Outside timed inference
     (:func:`timed_inference`) ``body`` runs as it is.
     """
     if not timed_inference(module, x):
