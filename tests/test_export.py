@@ -104,7 +104,8 @@ def test_cli_export_onnx_matches_in_onnxruntime_and_openvino(exported, demo_root
         assert_parity(compare(expected, outputs), name)
 
 
-def test_cli_export_torch(exported, demo_root, tmp_path):
+def test_cli_export_torch(exported, demo_root, tmp_path, force_algorithms):
+    force_algorithms()  # the layers' own algorithms in both models: each model times its own choices
     cli_export(exported, "torch", tmp_path)
     (pt_file,) = (tmp_path / "torch").rglob("model.pt")
     loaded = torch.load(pt_file, map_location="cpu", weights_only=False)["model"].eval()

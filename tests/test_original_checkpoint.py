@@ -339,26 +339,6 @@ def authors_outputs(paper_files: Path, pictures: dict[str, torch.Tensor]) -> dic
     return {name: authors(rgb.flip(1)) for name, rgb in pictures.items()}
 
 
-def force_convolutions(monkeypatch, algorithm: str) -> None:
-    """Inference's algorithms after the last code choice: NNPACK's Winograd for every 3x3 convolution (``"nnpack"``), or
-    every layer's matrix-product algorithm (``"matmul"``: tap sums where offered, else the matrix-product Winograd;
-    upsampling by matrix products), instead of the choices timed on this CPU (``"timed"``)."""
-    from weakref import WeakKeyDictionary
-
-    import anomalib_dsr.model.unet as unet_module
-
-    if algorithm == "timed":
-        return
-
-    def choose(module, x, algorithms):
-        preferred = ("tap sums", "matrix-product Winograd", "matrix products") if algorithm == "matmul" else ()
-        return next((name for name in preferred if name in algorithms), next(iter(algorithms)))
-
-    monkeypatch.setattr(unet_module, "_FASTEST", WeakKeyDictionary())
-    monkeypatch.setattr(unet_module, "_nnpack_is_faster", lambda module, x, body: algorithm == "nnpack")
-    monkeypatch.setattr(unet_module, "fastest_algorithm", choose)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("layout", "convolutions"),
@@ -377,7 +357,7 @@ def test_imported_paper_model_matches_authors_inference(
     authors_outputs: dict[str, dict[str, torch.Tensor]],
     layout: torch.memory_format,
     convolutions: str,
-    monkeypatch,
+    force_algorithms,
 ) -> None:
     """Paper widths, 256x256, float32: pred_score within 1e-4, at most 0.1 % of map pixels off by more than 1e-3,
     every picture, from the same codes as the reference's.
@@ -396,7 +376,10 @@ def test_imported_paper_model_matches_authors_inference(
     Which algorithms run after the last code choice depends on the CPU's timings, so each is also forced everywhere
     it may run.
     """
-    force_convolutions(monkeypatch, convolutions)
+    if convolutions == "nnpack":  # NNPACK's Winograd for every 3x3 convolution after the last code choice
+        force_algorithms(nnpack=True)
+    elif convolutions == "matmul":  # every layer's matrix-product algorithm: tap sums, else Winograd; upsampling too
+        force_algorithms("tap sums", "matrix-product Winograd", "matrix products")
     for name, rgb in pictures.items():
         reference = authors_outputs[name]
         assert reference["anomaly_map"].std() > 1e-2, "a flat map would prove little"

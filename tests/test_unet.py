@@ -75,30 +75,16 @@ def test_values_and_gradients_of_instance_norm(layout: torch.memory_format, inpl
     assert torch.equal(source.detach(), before) != inplace
 
 
-@pytest.fixture
-def algorithm(monkeypatch):
-    """Make every layer that times its algorithms take the one named, where it is offered, else its own (the first),
-    instead of timing them: ``algorithm(name)``."""
-    import anomalib_dsr.model.unet as unet_module
-
-    def choose(name: str) -> None:
-        monkeypatch.setattr(
-            unet_module, "fastest_algorithm", lambda module, x, algorithms: name if name in algorithms else next(iter(algorithms))
-        )
-
-    return choose
-
-
 @pytest.mark.parametrize("winograd", ["nnpack", "matmul"])
 @pytest.mark.parametrize(("in_channels", "out_channels", "size"), [(6, 64, 128), (128, 64, 64), (512, 512, 16)])
 def test_winograd_convolution_at_inference(
-    in_channels: int, out_channels: int, size: int, winograd: str, algorithm
+    in_channels: int, out_channels: int, size: int, winograd: str, force_algorithms
 ) -> None:
     """eval + no autograd on CPU in float32: NNPACK's Winograd in an NNPACK section, else the matrix-product one when
     chosen; within 5e-5 of the output's scale of float64 (seen: 3e-6 to 2e-5; oneDNN's direct convolution ~3e-7),
     not nn.Conv2d's values (the path is taken), each image as if alone, in either memory layout."""
     torch.manual_seed(0)
-    algorithm("matrix-product Winograd")
+    force_algorithms("matrix-product Winograd")
     conv = WinogradConv2d(in_channels, out_channels).eval()
     x = torch.randn(3, in_channels, size, size).contiguous(memory_format=torch.channels_last)
     exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
@@ -111,11 +97,11 @@ def test_winograd_convolution_at_inference(
     assert not torch.equal(fast, direct)
 
 
-def test_matmul_winograd_on_any_size_multiple_of_4_only(algorithm) -> None:
+def test_matmul_winograd_on_any_size_multiple_of_4_only(force_algorithms) -> None:
     """Non-square maps and no bias are computed like float64; a side that is not a multiple of 4 gets oneDNN's
     exact values instead."""
     torch.manual_seed(0)
-    algorithm("matrix-product Winograd")
+    force_algorithms("matrix-product Winograd")
     conv = WinogradConv2d(16, 8).eval()
     conv.bias = None
     x = torch.randn(2, 16, 20, 36)
@@ -141,11 +127,11 @@ def test_matmul_winograd_split_into_small_blocks_and_filter_groups() -> None:
         assert (result.double() - exact).abs().max() < 5e-5 * exact.abs().max()
 
 
-def test_matmul_winograd_sees_weights_written_through_data(algorithm) -> None:
+def test_matmul_winograd_sees_weights_written_through_data(force_algorithms) -> None:
     """Nothing of the weights is cached: a write through ``.data`` (which does not count as a change of the
     parameter) shows in the next output."""
     torch.manual_seed(0)
-    algorithm("matrix-product Winograd")
+    force_algorithms("matrix-product Winograd")
     conv = WinogradConv2d(8, 8).eval()
     x = torch.randn(1, 8, 16, 16)
     with torch.no_grad():
@@ -204,11 +190,11 @@ def test_layer_times_its_algorithms_once_per_shape_and_keeps_the_fastest(monkeyp
 
 
 @pytest.mark.parametrize(("filters", "size"), [(2, 32), (3, 1), (1, 7)])
-def test_tap_sums_compute_the_convolution(filters: int, size: int, algorithm) -> None:
+def test_tap_sums_compute_the_convolution(filters: int, size: int, force_algorithms) -> None:
     """The tap sums, when chosen, are the 3x3 convolution within float32 rounding of float64 (seen: 2e-7 of the
     scale, oneDNN's level), with and without bias, on maps down to 1x1 and in either layout."""
     torch.manual_seed(0)
-    algorithm("tap sums")
+    force_algorithms("tap sums")
     conv = WinogradConv2d(9 * filters + 1, filters).eval()
     x = torch.randn(2, 9 * filters + 1, size, size + 4)
     with torch.no_grad():
@@ -222,7 +208,9 @@ def test_tap_sums_compute_the_convolution(filters: int, size: int, algorithm) ->
 
 
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (5, 12), (1, 1)])
-def test_upsampling_by_matrix_products_is_bilinear_with_aligned_corners(height: int, width: int, algorithm) -> None:
+def test_upsampling_by_matrix_products_is_bilinear_with_aligned_corners(
+    height: int, width: int, force_algorithms
+) -> None:
     """At inference, when chosen, the matrix products are float64's bilinear x2 with aligned corners within 1e-6 of
     the scale (torch's float32 kernel: up to 3e-5); elsewhere ``nn.Upsample``'s exact values."""
     torch.manual_seed(0)
@@ -231,7 +219,7 @@ def test_upsampling_by_matrix_products_is_bilinear_with_aligned_corners(height: 
     exact = F.interpolate(x.double(), scale_factor=2, mode="bilinear", align_corners=True)
     torch_kernel = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
     assert torch.equal(up(x), torch_kernel)  # autograd on
-    algorithm("matrix products")
+    force_algorithms("matrix products")
     with torch.no_grad():
         fast = up(x)
         assert torch.equal(up.train()(x), torch_kernel)
@@ -274,10 +262,10 @@ def test_max_pool_without_autograd_has_max_pool2d_values_and_keeps_its_gradient(
     assert set(grad.unique().tolist()) == {0.0, 1.0}
 
 
-def test_convolution_section_sets_threads_and_choice_and_restores_them(algorithm) -> None:
+def test_convolution_section_sets_threads_and_choice_and_restores_them(force_algorithms) -> None:
     """One torch thread inside an NNPACK section on one image only; other sections and batches keep the count; the
     calling thread's count and the choice come back, also after an exception."""
-    algorithm("oneDNN")
+    force_algorithms()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
