@@ -83,17 +83,14 @@ def make_dsr(vq_weights: Path, tiny_widths: dict[str, int]):
 def force_algorithms(monkeypatch):
     """Make inference's timed layers (``anomalib_dsr.model.unet``) take fixed algorithms instead of timing them:
     ``force_algorithms(*names, nnpack=False)`` gives each layer the first of ``names`` it is offered, else its own (the
-    first it lists), and NNPACK sections only if ``nnpack``. Timed choices belong to each model instance, so two
-    instances may compute the same inference in algorithms whose float32 rounding differs."""
-    from weakref import WeakKeyDictionary
-
+    first it lists), and NNPACK sections only if ``nnpack``."""
     import anomalib_dsr.model.unet as unet_module
 
     def force(*names: str, nnpack: bool = False) -> None:
         def choose(module, x, algorithms):
             return next((name for name in names if name in algorithms), next(iter(algorithms)))
 
-        monkeypatch.setattr(unet_module, "_FASTEST", WeakKeyDictionary())
+        monkeypatch.setattr(unet_module, "_FASTEST", {})
         monkeypatch.setattr(unet_module, "_nnpack_is_faster", lambda module, x, body: nnpack)
         monkeypatch.setattr(unet_module, "fastest_algorithm", choose)
 

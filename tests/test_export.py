@@ -105,7 +105,7 @@ def test_cli_export_onnx_matches_in_onnxruntime_and_openvino(exported, demo_root
 
 
 def test_cli_export_torch(exported, demo_root, tmp_path, force_algorithms):
-    force_algorithms()  # the layers' own algorithms in both models: each model times its own choices
+    force_algorithms()  # the same algorithms in both models (timed choices are shared in a process anyway)
     cli_export(exported, "torch", tmp_path)
     (pt_file,) = (tmp_path / "torch").rglob("model.pt")
     loaded = torch.load(pt_file, map_location="cpu", weights_only=False)["model"].eval()

@@ -144,9 +144,9 @@ def test_matmul_winograd_sees_weights_written_through_data(force_algorithms) -> 
 
 
 def test_layer_times_its_algorithms_once_per_shape_and_keeps_the_fastest(monkeypatch, caplog) -> None:
-    """Outside NNPACK sections each layer's first call per image shape, layout and thread count times the algorithms
-    it is offered on one image, logs their times, and later calls (any batch) take the fastest one's values; training
-    and autograd never time. Tap sums are offered only to layers with at most a ninth as many filters as inputs."""
+    """Outside NNPACK sections the first call per layer architecture, image shape, layout and thread count times the
+    algorithms offered on one image and logs their times; later calls (any batch, any layer of that architecture) take
+    the fastest one's values; training and autograd never time. Tap sums are offered only to layers with at most a ninth as many filters as inputs."""
     import anomalib_dsr.model.unet as unet_module
     from anomalib_dsr.model.tap_sums import tap_sum_conv3x3
     from anomalib_dsr.model.winograd import winograd_conv3x3
@@ -167,11 +167,14 @@ def test_layer_times_its_algorithms_once_per_shape_and_keeps_the_fastest(monkeyp
         "tap sums": lambda conv, x: tap_sum_conv3x3(x, conv.weight, conv.bias),
     }
     for fastest, expected in algorithms.items():
+        monkeypatch.setattr(unet_module, "_ALGORITHM", {})
         timed.clear()
         conv = WinogradConv2d(18, 2).eval()
         with torch.no_grad(), caplog.at_level("DEBUG", logger="anomalib_dsr.model.unet"):
             assert torch.equal(conv(x), expected(conv, x)) and torch.equal(conv(x[:1]), expected(conv, x[:1]))
             assert timed == [list(algorithms)]
+            twin = WinogradConv2d(18, 2).eval()  # another layer of the same architecture: the same choice, untimed
+            assert torch.equal(twin(x), expected(twin, x)) and len(timed) == 1
             conv(x.contiguous(memory_format=torch.channels_last))  # another layout: timed again
             conv(x[:, :, :8])  # another shape: timed again
             assert len(timed) == 3
@@ -183,6 +186,7 @@ def test_layer_times_its_algorithms_once_per_shape_and_keeps_the_fastest(monkeyp
     assert "oneDNN 1.00 ms, matrix-product Winograd 2.00 ms, tap sums 3.00 ms per image: using tap sums" in caplog.text
     timed.clear()
     fastest = "oneDNN"
+    monkeypatch.setattr(unet_module, "_ALGORITHM", {})
     with torch.no_grad():
         WinogradConv2d(18, 3).eval()(x)
         WinogradConv2d(18, 2).eval()(x[..., :10])  # a side not a multiple of 4: no Winograd
@@ -288,9 +292,9 @@ def test_convolution_section_sets_threads_and_choice_and_restores_them(force_alg
 
 
 def test_run_fastest_measures_once_per_shape_and_keeps_the_faster(monkeypatch, caplog) -> None:
-    """The first inference call of a U-Net per input shape times an NNPACK section against the layers' own choices
-    and logs both; later calls reuse the choice; the output is the chosen section's; training and autograd never
-    measure."""
+    """The first inference call of a U-Net architecture per input shape times an NNPACK section against the layers'
+    own choices and logs both; later calls, of any U-Net of that architecture, reuse the choice; the output is the
+    chosen section's; training and autograd never measure."""
     import anomalib_dsr.model.unet as unet_module
 
     torch.manual_seed(0)
@@ -299,7 +303,7 @@ def test_run_fastest_measures_once_per_shape_and_keeps_the_faster(monkeypatch, c
     measured: list[tuple[int, ...]] = []
     original = unet_module._nnpack_is_faster
     for faster in (True, False):
-        unet_module._FASTEST.pop(unet, None)
+        monkeypatch.setattr(unet_module, "_FASTEST", {})
 
         def fake(module, x, body, faster=faster):
             measured.append(tuple(x.shape))
@@ -315,8 +319,13 @@ def test_run_fastest_measures_once_per_shape_and_keeps_the_faster(monkeypatch, c
     unet(one)  # autograd on: no measurement
     assert len(measured) == 2
 
+    twin = UNet(3, width=4).eval()  # the same architecture: the same choice, not measured again
+    with torch.no_grad():
+        twin(one)
+    assert len(measured) == 2
+
     monkeypatch.setattr(unet_module, "_nnpack_is_faster", original)
-    unet_module._FASTEST.pop(unet, None)
+    monkeypatch.setattr(unet_module, "_FASTEST", {})
     with caplog.at_level("INFO", logger="anomalib_dsr.model.unet"), torch.no_grad():
         unet(one)
     assert "UNet on (1, 3, 32, 32): NNPACK Winograd" in caplog.text and "per-layer choice" in caplog.text

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache, partial
-from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -114,8 +113,17 @@ def _fastest(candidates: dict[str, Callable[[], object]]) -> tuple[str, dict[str
 
 # Whether WinogradConv2d layers run NNPACK in the current section (see run_fastest); outside sections they do not.
 _NNPACK: ContextVar[bool] = ContextVar("dsr_nnpack", default=False)
-# Per module, the measured choice by (input shape, torch threads): True = NNPACK's Winograd, False = each layer's own.
-_FASTEST: WeakKeyDictionary[nn.Module, dict[tuple[tuple[int, ...], int], bool]] = WeakKeyDictionary()
+# The measured choices, process-wide like cuDNN's benchmark cache, so that every model of one architecture in a
+# process computes alike (a checkpoint's copy, a resumed run, a model validated in training and then tested):
+# by (module architecture, input shape, torch threads), True = NNPACK's Winograd, False = each layer's own choice.
+_FASTEST: dict[tuple, bool] = {}
+# By (layer architecture, image shape, contiguity, torch threads), the name of the layer's fastest algorithm.
+_ALGORITHM: dict[tuple, str] = {}
+
+
+def architecture(module: nn.Module) -> tuple:
+    """What decides the timed choices besides the input: the module's type and its parameters' names and shapes."""
+    return type(module).__name__, tuple((name, tuple(p.shape)) for name, p in module.named_parameters())
 
 
 @contextmanager
@@ -144,17 +152,17 @@ def run_fastest(module: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor
     Which one is faster depends on the CPU, the shapes and the threads: on a 2-core AMD EPYC Zen 4 NNPACK's Winograd
     made a paper-width U-Net about 1.4x faster at batch 1, on a 2-core Intel Xeon (Sapphire Rapids) the layers' own
     choices of oneDNN's direct convolution and the matrix-product Winograd are faster (docs/speed.md). So, as cuDNN's
-    benchmark mode does, the first inference call of ``module`` for each input shape and thread count times both
-    (alternating, best of two each) and keeps the faster; the times are logged. Outside timed inference
+    benchmark mode does, the first inference call of a module of this :func:`architecture` in the process, for each
+    input shape and thread count, times both (alternating, best of two each) and keeps the faster; the times are
+    logged. Outside timed inference
     (:func:`timed_inference`) ``body`` runs as it is.
     """
     if not timed_inference(module, x):
         return body(x)
-    choices = _FASTEST.setdefault(module, {})
-    key = (tuple(x.shape), torch.get_num_threads())
-    if key not in choices:
-        choices[key] = _nnpack_ready() and _nnpack_is_faster(module, x, body)
-    with convolution_section(x, nnpack=choices[key]):
+    key = (architecture(module), tuple(x.shape), torch.get_num_threads())
+    if key not in _FASTEST:
+        _FASTEST[key] = _nnpack_ready() and _nnpack_is_faster(module, x, body)
+    with convolution_section(x, nnpack=_FASTEST[key]):
         return body(x)
 
 
@@ -173,28 +181,26 @@ def _nnpack_is_faster(module: nn.Module, x: torch.Tensor, body: Callable[[torch.
     return choice == "NNPACK Winograd"
 
 
-# Per layer: by (image shape, contiguity, torch threads), the name of its fastest algorithm.
-_ALGORITHM: WeakKeyDictionary[nn.Module, dict[tuple[tuple[int, ...], bool, int], str]] = WeakKeyDictionary()
-
-
 def fastest_algorithm(
     module: nn.Module, x: torch.Tensor, algorithms: dict[str, Callable[[torch.Tensor], torch.Tensor]]
 ) -> str:
     """The name of whichever of ``algorithms`` (at least one; the first is the layer's own) computes ``x`` fastest for
-    ``module``: timed on ``x``'s first image only (so a batch costs no more to time than one image), once per image
-    shape, layout and thread count, then remembered; logged at debug level."""
+    ``module``: timed on ``x``'s first image only (so a batch costs no more to time than one image), once per layer
+    :func:`architecture`, image shape, layout and thread count in the process, then remembered for every layer
+    alike; logged at debug level."""
     if len(algorithms) == 1:
         return next(iter(algorithms))
-    choices = _ALGORITHM.setdefault(module, {})
-    key = (tuple(x.shape[1:]), x.is_contiguous(), torch.get_num_threads())
-    if key not in choices:
+    image_shape = tuple(x.shape[1:])
+    key = (architecture(module), image_shape, x.is_contiguous(), torch.get_num_threads())
+    if key not in _ALGORITHM:
         image = x[:1]
-        choices[key], times = _fastest({name: partial(run, image) for name, run in algorithms.items()})
+        _ALGORITHM[key], times = _fastest({name: partial(run, image) for name, run in algorithms.items()})
         logger.debug(
             "%s on %s: %s per image: using %s",
-            module, key[0], ", ".join(f"{name} {1e3 * seconds:.2f} ms" for name, seconds in times.items()), choices[key],
+            module, image_shape, ", ".join(f"{name} {1e3 * seconds:.2f} ms" for name, seconds in times.items()),
+            _ALGORITHM[key],
         )
-    return choices[key]
+    return _ALGORITHM[key]
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -203,7 +209,7 @@ class WinogradConv2d(nn.Conv2d):
 
     - in an NNPACK section (:func:`run_fastest`), NNPACK's Winograd convolution F(6x6, 3x3), one image at a time (its
       inference algorithm);
-    - elsewhere, whichever this layer measured fastest at its first call per image shape and thread count
+    - elsewhere, whichever was measured fastest for its architecture, image shape and thread count
       (:func:`fastest_algorithm`): oneDNN's direct convolution (``nn.Conv2d``'s), the Winograd convolution F(4x4, 3x3)
       as matrix products (:mod:`anomalib_dsr.model.winograd`; on a 2-core Intel Xeon up to 1.7x faster on maps up to
       128x128, slower on 256x256), and for layers with at most a ninth as many filters as input channels (the U-Nets'
