@@ -154,8 +154,7 @@ def run_fastest(module: nn.Module, x: torch.Tensor, body: Callable[[torch.Tensor
     choices of oneDNN's direct convolution and the matrix-product Winograd are faster (docs/speed.md). So, as cuDNN's
     benchmark mode does, the first inference call of a module of this :func:`architecture` in the process, for each
     input shape and thread count, times both (alternating, best of two each) and keeps the faster; the times are
-    logged. Outside timed inference
-    (:func:`timed_inference`) ``body`` runs as it is.
+    logged. Outside timed inference (:func:`timed_inference`) ``body`` runs as it is.
     """
     if not timed_inference(module, x):
         return body(x)
