@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo lint lint-fix test test-fast clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,15 @@ demo: $(STAMP)
 	# anomalib 2.7 imports deprecated timm modules; their FutureWarnings are noise in the demo.
 	PYTHONWARNINGS=ignore::FutureWarning $(BIN)/anomalib-dsr demo --output demo_output
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+lint-fix: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: lint
 	$(BIN)/python -m pytest -q -rs --timeout=1800
 
 test-fast: $(STAMP)

@@ -13,14 +13,14 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from anomalib_dsr.checkpoints.original_checkpoint import export_original, import_original
+from anomalib_dsr.data.kolektor import KolektorError, prepare_kolektor
+from anomalib_dsr.evaluation.paper_table import table_from_files
+from anomalib_dsr.model.original_format import VQ_FILE_NAME, WeightsError
 from anomalib_dsr.workflows.benchmark import BenchmarkConfigError, run_benchmark
 from anomalib_dsr.workflows.demo import DemoSettings, run_demo
 from anomalib_dsr.workflows.inspect import DIFF_MAX, InspectError, format_report, inspect
-from anomalib_dsr.workflows.kolektor import KolektorError, prepare_kolektor
-from anomalib_dsr.checkpoints.original_checkpoint import export_original, import_original
-from anomalib_dsr.checkpoints.original_format import VQ_FILE_NAME, WeightsError
-from anomalib_dsr.workflows.paper_table import table_from_files
-from anomalib_dsr.model.pretraining import pretrain_vq
+from anomalib_dsr.workflows.pretrain_vq import pretrain_vq
 
 
 def _pretrain_vq(args: argparse.Namespace) -> None:

@@ -2,10 +2,10 @@
 
 Runs the offline demo (``anomalib_dsr.workflows.demo.run_demo``, the same code as ``make demo``) twice with the same
 seed and the same step budget: once in fp32 (Lightning's ``"32-true"``) and once with ``"bf16-mixed"``. In
-both runs the demo builds the same dataset and uses the general VQ-VAE shipped with the package (phase 1,
-fp32), so only DSR's training (phases 2 and 3) and its test pass differ in precision. It prints image AUROC and pixel AP (anomalib's ``image_AUROC`` and
-``pixel_AUPR``) of both runs and their differences in points, and says PASS if both differences are within
-1 point (0.01), FAIL otherwise (exit code 1).
+both runs the demo builds the same dataset and uses the general VQ-VAE shipped with the package (phase 1, fp32), so only
+DSR's training (phases 2 and 3) and its test pass differ in precision. It prints image AUROC and pixel AP (anomalib's
+``image_AUROC`` and ``pixel_AUPR``) of both runs and their differences in points, and says PASS if both differences are
+within 1 point (0.01), FAIL otherwise (exit code 1).
 
 Usage (from the repository root):
 
@@ -57,7 +57,10 @@ def compare(output: Path, settings: DemoSettings) -> bool:
         seconds[name] = time.perf_counter() - start
         results[name] = {key: float(metrics[key]) for key in METRICS}
 
-    print(f"\nbf16 accuracy guard: {settings.dsr_steps} DSR steps, seed {settings.seed}, the shipped general VQ-VAE in both runs")
+    print(
+        f"\nbf16 accuracy guard: {settings.dsr_steps} DSR steps, seed {settings.seed}, "
+        "the shipped general VQ-VAE in both runs"
+    )
     print(f"{'':12} {'fp32':>7} {'bf16':>7} {'bf16 - fp32':>14}")
     ok = True
     for key, label in METRICS.items():

@@ -3,13 +3,14 @@
 Rows: PyTorch FP32 (eager, no_grad), OpenVINO FP32 IR run with f32 inference precision, the same IR at the
 device's default precision (bf16 on CPUs with AMX, f32 elsewhere), the FP16 IR (``compression_type=FP16``,
 f16 weights) at the default precision, and the INT8 IR (``compression_type=INT8_PTQ``: NNCF post-training
-quantisation calibrated on the normal training images, the code path unquantised, ``anomalib_dsr.export``) at
+quantisation calibrated on the normal training images, the code path unquantised, ``anomalib_dsr.deploy.export``) at
 the default and at f32 precision. Columns: median latency per image for 256x256 RGB input at batch 1 and
 batch 8, image AUROC and pixel AP on the demo dataset's test split, the largest normalised-score and map
 differences from PyTorch, the share of map pixels off by more than 1e-3, and how long the export took.
 
     python benchmarks/deploy_speed.py                     # demo settings (``make demo``), 256x256 model
     python benchmarks/deploy_speed.py --ckpt model.ckpt   # an already trained checkpoint (demo dataset)
+    python benchmarks/deploy_speed.py --ckpt model.ckpt --test-images 100   # accuracy on 100 + 100 test images
     python benchmarks/deploy_speed.py --paper-widths      # paper's widths at 256x256, random weights: speed only
     python benchmarks/deploy_speed.py --quick             # tiny model at 64x64, a few steps: checks the script
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+from common import cpu_name, demo_datamodule
 
 SIZE = 256
 
@@ -43,33 +45,49 @@ def parse_args() -> argparse.Namespace:
         "latencies only, the accuracy columns stay empty",
     )  # fmt: skip
     parser.add_argument("--output", type=Path, help="working folder (default: a temporary one)")
+    parser.add_argument(
+        "--test-images", type=int, metavar="N",
+        help="accuracy on N good and N defective test images of the demo generator (the training images stay the "
+        "demo's): one swapped good/defective pair is 1/N² of image AUROC (default: the demo's 16 good, 24 defective)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for PyTorch and OpenVINO")
-    parser.add_argument("--repeats", type=int, help="timed runs per measurement, median reported (default 20; --quick 3)")
+    parser.add_argument(
+        "--repeats", type=int, help="timed runs per measurement, median reported (default 20; --quick 3)"
+    )
     args = parser.parse_args()
     if args.paper_widths and (args.ckpt or args.quick):
         parser.error("--paper-widths builds its own untrained model: leave out --ckpt and --quick")
     return args
 
 
-def train(output: Path, quick: bool) -> tuple[object, object]:
+def test_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """``make_demo_dataset``'s test-set sizes for ``--test-images`` (and ``--quick``)."""
+    if args.test_images:
+        return {"num_test_good": args.test_images, "num_test_defect": args.test_images // 2}
+    return {"num_test_good": 4, "num_test_defect": 2} if args.quick else {}
+
+
+def train(output: Path, quick: bool, sizes: dict[str, int]) -> tuple[object, object]:
     """Demo dataset, VQ-VAE and DSR with ``DemoSettings`` (``--quick``: tiny ones); returns model, datamodule."""
-    from anomalib.data import MVTecAD
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
     from anomalib_dsr import Dsr
+    from anomalib_dsr.data.demo_data import make_demo_dataset
+    from anomalib_dsr.data.general_images import GENERAL_VQ_FILE
     from anomalib_dsr.workflows.demo import DemoSettings
-    from anomalib_dsr.workflows.demo_data import make_demo_dataset
-    from anomalib_dsr.model.general_images import GENERAL_VQ_FILE
-    from anomalib_dsr.model.pretraining import pretrain_vq
+    from anomalib_dsr.workflows.pretrain_vq import pretrain_vq
 
     settings = DemoSettings()
     if quick:
-        settings = replace(settings, num_train=16, dsr_steps=12, batch_size=4, channels=16,
-                           res_hidden=8, num_embeddings=32, embedding_dim=16, decoder_bottleneck=8, unet_width=8)  # fmt: skip
+        tiny = {"channels": 16, "res_hidden": 8, "num_embeddings": 32, "embedding_dim": 16}
+        settings = replace(
+            settings, num_train=16, dsr_steps=12, batch_size=4, decoder_bottleneck=8, unet_width=8, **tiny
+        )
     seed_everything(settings.seed, workers=True)
-    sizes = {"num_test_good": 4, "num_test_defect": 2} if quick else {}
-    make_demo_dataset(output / "data", image_size=settings.image_size, num_train=settings.num_train, seed=settings.seed, **sizes)
+    make_demo_dataset(
+        output / "data", image_size=settings.image_size, num_train=settings.num_train, seed=settings.seed, **sizes
+    )
     quiet = {"enable_progress_bar": False, "enable_model_summary": False, "accelerator": "cpu"}
     vq = GENERAL_VQ_FILE
     if quick:  # a tiny general VQ-VAE at the tiny widths
@@ -84,12 +102,6 @@ def train(output: Path, quick: bool) -> tuple[object, object]:
     engine.fit(model, datamodule=datamodule)
     print(f"trained DSR in {time.perf_counter() - start:.0f} s")
     return model, datamodule
-
-
-def demo_datamodule(root: Path, batch_size: int = 8):
-    from anomalib.data import MVTecAD
-
-    return MVTecAD(root=root, category="gravel", train_batch_size=batch_size, eval_batch_size=batch_size, num_workers=0)
 
 
 def test_set(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -145,16 +157,6 @@ def untrained_paper_model():
     return model
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux: ``/proc/cpuinfo``, as ``lscpu`` prints it), else the architecture."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     args = parse_args()
     args.repeats = args.repeats or (3 if args.quick else 20)
@@ -163,20 +165,23 @@ def main() -> None:
     from anomalib.deploy import CompressionType
     from anomalib.engine import Engine
 
-    from anomalib_dsr import Dsr
+    from anomalib_dsr.checkpoints import load_dsr_checkpoint
 
     output = args.output or Path(tempfile.mkdtemp(prefix="dsr_bench_"))
     output.mkdir(parents=True, exist_ok=True)
     if args.ckpt or args.paper_widths:
+        from anomalib_dsr.data.demo_data import make_demo_dataset
         from anomalib_dsr.workflows.demo import DemoSettings
-        from anomalib_dsr.workflows.demo_data import make_demo_dataset
 
         settings = DemoSettings()
-        make_demo_dataset(output / "data", image_size=settings.image_size, num_train=settings.num_train, seed=settings.seed)
+        make_demo_dataset(
+            output / "data", image_size=settings.image_size, num_train=settings.num_train, seed=settings.seed,
+            **test_sizes(args),
+        )  # fmt: skip
         datamodule = demo_datamodule(output / "data")
-        model = untrained_paper_model() if args.paper_widths else Dsr.load_from_checkpoint(args.ckpt, map_location="cpu")
+        model = untrained_paper_model() if args.paper_widths else load_dsr_checkpoint(args.ckpt)
     else:
-        model, datamodule = train(output, args.quick)
+        model, datamodule = train(output, args.quick, test_sizes(args))
     model = model.cpu().eval()
     images, labels, masks = test_set(output / "data" / "gravel")
 
@@ -195,7 +200,9 @@ def main() -> None:
     core = ov.Core()
     threads = {"INFERENCE_NUM_THREADS": args.threads}
     default_precision = core.get_property("CPU", "INFERENCE_PRECISION_HINT")
-    default_precision = default_precision.to_string() if hasattr(default_precision, "to_string") else str(default_precision)
+    default_precision = (
+        default_precision.to_string() if hasattr(default_precision, "to_string") else str(default_precision)
+    )
 
     def openvino_runner(path: Path, precision: str | None):
         config = dict(threads, **({"INFERENCE_PRECISION_HINT": precision} if precision else {}))
@@ -223,13 +230,19 @@ def main() -> None:
     rng = np.random.default_rng(0)
     inputs = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True).clamp(0, 1).numpy()
     batch1, batch8 = inputs[:1], inputs[rng.choice(len(inputs), 8, replace=len(inputs) < 8)]
-    reference = None if args.paper_widths else torch_run(images.numpy())
+
+    def in_chunks(run, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """``run`` on at most 25 images at a time (a large test set at once would hold GBs of activations)."""
+        parts = [run(chunk) for chunk in np.array_split(batch, max(1, len(batch) // 25))]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    reference = None if args.paper_widths else in_chunks(torch_run, images.numpy())
 
     rows = []
     for name, (run, export_name) in variants.items():
         accuracy = (float("nan"),) * 5  # an untrained model's scores measure nothing
         if not args.paper_widths:
-            outputs = run(images.numpy())
+            outputs = in_chunks(run, images.numpy())
             auroc, pixel_ap = metrics(outputs["pred_score"], outputs["anomaly_map"], labels, masks)
             map_gap = np.abs(outputs["anomaly_map"] - reference["anomaly_map"])
             score_diff = float(np.abs(outputs["pred_score"] - reference["pred_score"]).max())
@@ -244,13 +257,19 @@ def main() -> None:
             )
         )
 
-    widths = {k: v for k, v in model.hparams.items() if k in ("channels", "num_embeddings", "embedding_dim", "unet_width")}
+    widths = {
+        k: v for k, v in model.hparams.items() if k in ("channels", "num_embeddings", "embedding_dim", "unet_width")
+    }
     print(
-        f"\nDSR {widths}, model {model.hparams['image_size']}, {len(images)} demo test images, input {SIZE}x{SIZE}, "
+        f"\nDSR {widths}, model {model.hparams['image_size']}, {len(images)} demo test images "
+        f"({int((labels == 0).sum())} good, {int(labels.sum())} defective), input {SIZE}x{SIZE}, "
         f"{args.threads} threads, {cpu_name()}, OpenVINO {ov.get_version().split('-')[0]}, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
-    print("| variant | ms/image, batch 1 | ms/image, batch 8 | image AUROC | pixel AP | max Δ score vs PyTorch | max Δ map vs PyTorch | map pixels off > 1e-3 | export time |")
+    print(
+        "| variant | ms/image, batch 1 | ms/image, batch 8 | image AUROC | pixel AP | max Δ score vs PyTorch "
+        "| max Δ map vs PyTorch | map pixels off > 1e-3 | export time |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, lat1, lat8, *accuracy, seconds in rows:
         specs = (".3f", ".3f", ".1e", ".1e", ".2%")

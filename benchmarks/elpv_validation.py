@@ -29,21 +29,27 @@ from lightning.pytorch import seed_everything
 from torchmetrics.functional.classification import binary_auroc
 
 from anomalib_dsr import Dsr
-from anomalib_dsr.workflows.elpv import prepare_elpv
-from anomalib_dsr.workflows.learning_curve import LearningCurve
+from anomalib_dsr.data.elpv import prepare_elpv
+from anomalib_dsr.evaluation.learning_curve import LearningCurve
 from anomalib_dsr.model.torch_model import window_max
 
 WINDOWS = (1, 5, 11, 21)
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=Path, default=Path("configs/benchmark/elpv.yaml"), help="benchmark config to start from")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config", type=Path, default=Path("configs/benchmark/elpv.yaml"), help="benchmark config to start from"
+    )
     parser.add_argument("--cell", choices=("mono", "poly"), default="poly")
     parser.add_argument("--max-steps", type=int, default=None, help="training steps (default: the benchmark's)")
     parser.add_argument("--evaluations", type=int, default=5, help="evenly spaced over training (default 5)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a Dsr argument (YAML value)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE", help="override a Dsr argument (YAML value)"
+    )
     return parser.parse_args()
 
 
@@ -77,26 +83,46 @@ class ValidationCurve(LearningCurve):
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.WARNING)
-    logging.getLogger("anomalib_dsr.workflows.learning_curve").setLevel(logging.INFO)  # one line per evaluation
+    logging.getLogger("anomalib_dsr.evaluation.learning_curve").setLevel(logging.INFO)  # one line per evaluation
     config = yaml.safe_load(args.config.read_text())
     root = prepare_elpv(**config["elpv_dataset"]) / args.cell
     init_args, trainer = dsr_settings(config)
     init_args.update({name: yaml.safe_load(value) for name, value in (item.split("=", 1) for item in args.set)})
 
-    datamodule = Folder(name=f"elpv_{args.cell}", root=root, normal_dir="train/good", normal_test_dir="val/good",
-                        abnormal_dir="val/defect", val_split_mode="none", train_batch_size=8, num_workers=0)
+    datamodule = Folder(
+        name=f"elpv_{args.cell}",
+        root=root,
+        normal_dir="train/good",
+        normal_test_dir="val/good",
+        abnormal_dir="val/defect",
+        val_split_mode="none",
+        train_batch_size=8,
+        num_workers=0,
+    )
     datamodule.setup()
     batches = list(datamodule.test_dataloader())
     labels = torch.cat([b.gt_label for b in batches]).int()
-    print(f"{args.cell}: {int((labels == 0).sum())} good and {int(labels.sum())} defective validation cells; Dsr({init_args})")
+    print(
+        f"{args.cell}: {int((labels == 0).sum())} good and {int(labels.sum())} defective validation cells; "
+        f"Dsr({init_args})"
+    )
 
     seed_everything(args.seed)
     model = Dsr(image_size=config["benchmark"]["image_size"], **init_args)
-    curve = ValidationCurve(model.pre_processor.transform(torch.cat([b.image for b in batches])), labels, args.evaluations)
+    curve = ValidationCurve(
+        model.pre_processor.transform(torch.cat([b.image for b in batches])), labels, args.evaluations
+    )
     with TemporaryDirectory() as temp_dir:
-        engine = Engine(accelerator="cpu", devices=1, logger=False, default_root_dir=temp_dir,
-                        max_steps=args.max_steps or trainer["max_steps"], limit_val_batches=0, enable_progress_bar=False,
-                        callbacks=[curve])
+        engine = Engine(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            default_root_dir=temp_dir,
+            max_steps=args.max_steps or trainer["max_steps"],
+            limit_val_batches=0,
+            enable_progress_bar=False,
+            callbacks=[curve],
+        )
         engine.fit(model, datamodule)
     print(" step train_s  " + "  ".join(f"{f'w={w}':<5}" for w in WINDOWS))
     for row in curve.rows:

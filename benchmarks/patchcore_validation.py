@@ -22,9 +22,11 @@ from tempfile import TemporaryDirectory
 import torch
 from anomalib.data import MVTecAD
 
+from anomalib_dsr.data.demo_data import make_demo_dataset
+from anomalib_dsr.evaluation.learning_curve import evaluate
 from anomalib_dsr.workflows.benchmark import build_model
-from anomalib_dsr.workflows.demo_data import make_demo_dataset
-from anomalib_dsr.workflows.learning_curve import evaluate
+
+from common import demo_datamodule
 
 # (backbone, feature layers, coreset ratios). Stride-4 features (blocks.1) give 1,024 patches per 128-px image, so
 # their coreset selection takes minutes: only small ratios there.
@@ -39,7 +41,9 @@ CANDIDATES = (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="demo-dataset draws (0 is the benchmark's)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[1, 2], help="demo-dataset draws (0 is the benchmark's)"
+    )
     parser.add_argument("--image-size", type=int, default=128)
     return parser.parse_args()
 
@@ -52,7 +56,7 @@ def validation_draws(root: Path, seeds: list[int], image_size: int) -> dict[int,
     draws = {}
     for seed in seeds:
         make_demo_dataset(root / f"seed{seed}", image_size=image_size, seed=seed)
-        datamodule = MVTecAD(root=root / f"seed{seed}", category="gravel", train_batch_size=8, eval_batch_size=8, num_workers=0)
+        datamodule = demo_datamodule(root / f"seed{seed}")
         datamodule.setup()
         draws[seed] = datamodule
     return draws
@@ -93,7 +97,11 @@ def main() -> None:
                     cells.append((100 * row["image_AUROC"], 100 * row["pixel_AP"]))
                 means = [sum(cell[i] for cell in cells) / len(cells) for i in (0, 1)]
                 figures = " | ".join(f"{auroc:.1f} | {ap:.1f}" for auroc, ap in cells)
-                print(f"{backbone} | {'+'.join(layers)} | {ratio} | {figures} | {means[0]:.1f} | {means[1]:.1f} | {fit_seconds:.1f}", flush=True)
+                print(
+                    f"{backbone} | {'+'.join(layers)} | {ratio} | {figures} | {means[0]:.1f} | {means[1]:.1f} "
+                    f"| {fit_seconds:.1f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from common import cpu_name
+
 VQ_FILE_NAME = "vq_model_pretrained_128_4096.pckl"
 OURS, OURS_CL, ANOMALIB = "ours", "ours+channels_last", "anomalib"
 MEASURES = ("train2", "train3", "infer", "memory")
@@ -63,7 +65,9 @@ LABELS = {
 
 # ------------------------------------------------------------------------------------------------ set-up
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="training and inference batch size (default 8)")
     parser.add_argument("--image-size", type=int, default=256, help="square image side, a multiple of 32 (default 256)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per figure (default 5)")
@@ -71,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="training fits per model, alternating models (default 2)")
     parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16 (default both)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto: cpu, and cuda when a GPU is present")
-    parser.add_argument("--measures", default=",".join(MEASURES), help=f"comma-separated subset of {','.join(MEASURES)}")
+    parser.add_argument(
+        "--measures", default=",".join(MEASURES), help=f"comma-separated subset of {','.join(MEASURES)}"
+    )
     parser.add_argument(
         "--channels-last",
         choices=("off", "on", "both"),
@@ -80,7 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--force-bf16", action="store_true", help="run bf16 on CPUs without native bf16 too")
-    parser.add_argument("--quick", action="store_true", help="64x64, batch 2, 2 repeats, 1 round: checks the script works")
+    parser.add_argument(
+        "--quick", action="store_true", help="64x64, batch 2, 2 repeats, 1 round: checks the script works"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write every figure to this JSON file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
@@ -113,7 +121,7 @@ def write_random_vq(path: Path, seed: int) -> None:
     """A randomly initialised general VQ-VAE (paper widths) as a plain state_dict in the original layout."""
     import torch
 
-    from anomalib_dsr.checkpoints.original_format import VQ_FORMAT, original_state
+    from anomalib_dsr.model.original_format import VQ_FORMAT, original_state
     from anomalib_dsr.model.vq_vae import GeneralVQVAE
 
     torch.manual_seed(seed)
@@ -135,16 +143,6 @@ def native_bf16_cpu() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # noqa: SLF001
     except (AttributeError, RuntimeError):
         return False
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -174,7 +172,7 @@ def build(name: str, vq_file: Path, size: int):
 
 def copy_weights(anomalib_model, ours) -> None:
     """Give ours anomalib's (random) trainable weights: both follow the authors' layout module by module."""
-    from anomalib_dsr.checkpoints.original_format import MODULE_FORMATS, load_original_state
+    from anomalib_dsr.model.original_format import MODULE_FORMATS, load_original_state
 
     theirs = {
         "restriction_hi": anomalib_model.model.subspace_restriction_module_hi,
@@ -436,7 +434,12 @@ def print_bf16_against_fp32(results: dict[str, Any], device_type: str, variants:
         return
     baseline = {row["measure"]: row["values"][ANOMALIB] for row in fp32["table"] if row["kind"] == "time"}
     rows = [
-        (row["measure"], "s", {**{v: row["values"][v] for v in variants if v != ANOMALIB}, ANOMALIB: baseline[row["measure"]]}, "time")
+        (
+            row["measure"],
+            "s",
+            {**{v: row["values"][v] for v in variants if v != ANOMALIB}, ANOMALIB: baseline[row["measure"]]},
+            "time",
+        )
         for row in bf16["table"]
         if row["measure"] in baseline
     ]
@@ -449,7 +452,9 @@ def run_device(device, args, vq_file: Path, variants: list[str], results: dict[s
 
     for precision in args.precisions:
         key = f"{device.type}/{precision}"
-        print(f"\n=== {device.type}, {precision}{' (bf16-mixed autocast)' if precision == 'bf16' else ''} ===", flush=True)
+        print(
+            f"\n=== {device.type}, {precision}{' (bf16-mixed autocast)' if precision == 'bf16' else ''} ===", flush=True
+        )
         if precision == "bf16" and device.type == "cpu" and not native_bf16_cpu() and not args.force_bf16:
             note = (
                 "skipped: this CPU has no native bf16 (no AVX512-BF16/AMX), so oneDNN emulates bf16 convolutions, "
@@ -464,7 +469,9 @@ def run_device(device, args, vq_file: Path, variants: list[str], results: dict[s
 
         # Fresh models with identical weights: anomalib's random init, copied into ours.
         torch.manual_seed(args.seed)
-        models = {name: build(name, vq_file, args.image_size) for name in [ANOMALIB, *[v for v in variants if v != ANOMALIB]]}
+        models = {
+            name: build(name, vq_file, args.image_size) for name in [ANOMALIB, *[v for v in variants if v != ANOMALIB]]
+        }
         for name, model in models.items():
             if name != ANOMALIB:
                 copy_weights(models[ANOMALIB], model)
@@ -476,7 +483,8 @@ def run_device(device, args, vq_file: Path, variants: list[str], results: dict[s
         for name, found in check.items():
             print(
                 f"  output check, {name} vs anomalib (same weights, same picture): shapes "
-                f"{'match' if found['same_shapes'] else 'DIFFER'}, max |diff| pred_score {found['max_abs_diff_pred_score']:.2e}, "
+                f"{'match' if found['same_shapes'] else 'DIFFER'}, "
+                f"max |diff| pred_score {found['max_abs_diff_pred_score']:.2e}, "
                 f"anomaly_map {found['max_abs_diff_anomaly_map']:.2e}{'' if found['finite'] else ', NOT FINITE'}",
                 flush=True,
             )
@@ -502,7 +510,9 @@ def run_device(device, args, vq_file: Path, variants: list[str], results: dict[s
             print(f"  {measure}: every step returned a finite scalar loss: {finite}")
             entry["losses"][measure] = losses
             entry["times_s"][measure] = times
-            rows.append((LABELS[measure] + f", batch {args.batch_size}", "s", {n: median(t) for n, t in times.items()}, "time"))
+            rows.append(
+                (LABELS[measure] + f", batch {args.batch_size}", "s", {n: median(t) for n, t in times.items()}, "time")
+            )
 
         if "infer" in args.measure_set:
             functions = {}
@@ -513,8 +523,13 @@ def run_device(device, args, vq_file: Path, variants: list[str], results: dict[s
                 batch = input_batch(batch_size, args.image_size, args.seed + 2).to(device)
                 times = time_inference(functions, batch, args.repeats, args.warmup, device)
                 entry["times_s"][label] = times
-                rows.append((LABELS[label].format(b=args.batch_size), "s", {n: median(t) for n, t in times.items()}, "time"))
-                print(f"  {label}: " + "; ".join(f"{n} {', '.join(f'{t:.2f}' for t in ts)} s" for n, ts in times.items()), flush=True)
+                rows.append(
+                    (LABELS[label].format(b=args.batch_size), "s", {n: median(t) for n, t in times.items()}, "time")
+                )
+                print(
+                    f"  {label}: " + "; ".join(f"{n} {', '.join(f'{t:.2f}' for t in ts)} s" for n, ts in times.items()),
+                    flush=True,
+                )
         del models
 
         if "memory" in args.measure_set:
@@ -530,7 +545,9 @@ def run_device(device, args, vq_file: Path, variants: list[str], results: dict[s
 
         print(f"\n  Medians, {device.type} {precision}, {args.image_size}x{args.image_size}:")
         print_table(rows, variants)
-        entry["table"] = [{"measure": label, "unit": unit, "values": values, "kind": kind} for label, unit, values, kind in rows]
+        entry["table"] = [
+            {"measure": label, "unit": unit, "values": values, "kind": kind} for label, unit, values, kind in rows
+        ]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -323,4 +323,9 @@ class AuthorsDsr(nn.Module):
         """Stage → (features ``(B, D, h, w)``, chosen indices ``(B, h, w)``) of the last forward's four quantisations.
         Each codebook quantises twice, first the encoder's features, then the restricted ones."""
         (lo, restricted_lo), (hi, restricted_hi) = self.model_vq._vq_vae_top.seen, self.model_vq._vq_vae_bot.seen
-        return {"codes_lo": lo, "codes_hi": hi, "restricted_codes_lo": restricted_lo, "restricted_codes_hi": restricted_hi}
+        return {
+            "codes_lo": lo,
+            "codes_hi": hi,
+            "restricted_codes_lo": restricted_lo,
+            "restricted_codes_hi": restricted_hi,
+        }

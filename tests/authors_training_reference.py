@@ -194,7 +194,7 @@ def upsampling_loss(authors: AuthorsDsr, augmented: torch.Tensor, mask: torch.Te
     """One pass of ``train_upsampling_module``'s loop up to ``loss``: augmented BGR images ``(B, 3, H, W)`` and their
     masks ``(B, 1, H, W)`` → the focal loss of the upsampling module's map. Like theirs, with autograd on through the
     frozen modules (only the upsampling module is optimised). As released, ``train_dsr.py`` never reaches this loop
-    (SPEC §7: its call lacks an argument); the loop's body is taken as written."""
+    (its call lacks an argument, docs/method.md#the-released-code-and-weights); the loop's body is taken as written."""
     model = authors.model_vq
     embeddings_t, embeddings = (q.detach() for q in model(augmented))
     _, recon_embeddings = authors.sub_res_hi_module(embeddings.clone(), model._vq_vae_bot)
@@ -208,6 +208,7 @@ def upsampling_loss(authors: AuthorsDsr, augmented: torch.Tensor, mask: torch.Te
 
 
 def upsampling_optimizer(authors: AuthorsDsr, lr: float = LEARNING_RATE) -> torch.optim.Adam:
-    """``train_upsampling_module``'s Adam. Its MultiStepLR never fires (SPEC §7: its milestones lie at 80 % and 90 %
-    of ``epochs`` while the loop runs ``epochs // 2``), so the LR is constant, as SPEC §4 has it."""
+    """``train_upsampling_module``'s Adam. Its MultiStepLR never fires (its milestones lie at 80 % and 90 % of
+    ``epochs`` while the loop runs ``epochs // 2``; docs/method.md#the-released-code-and-weights), so the LR is
+    constant, as the paper has it (docs/method.md#phase-3)."""
     return torch.optim.Adam([{"params": authors.upsample_module.parameters(), "lr": lr}])

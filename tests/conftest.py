@@ -36,7 +36,7 @@ def tiny_widths() -> dict[str, int]:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root of a tiny MVTec-layout dataset: ``root/gravel/{train,test,ground_truth}``, 64x64 images."""
-    from anomalib_dsr.workflows.demo_data import make_demo_dataset
+    from anomalib_dsr.data.demo_data import make_demo_dataset
 
     root = tmp_path_factory.mktemp("demo_data")
     make_demo_dataset(root, category=CATEGORY, image_size=IMAGE_SIZE, num_train=8, num_test_good=4, num_test_defect=2)
@@ -46,7 +46,7 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def vq_weights(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> Path:
     """A tiny general VQ-VAE, briefly pretrained on the demo train images, in the original layout."""
-    from anomalib_dsr.model.pretraining import pretrain_vq
+    from anomalib_dsr.workflows.pretrain_vq import pretrain_vq
 
     out = tmp_path_factory.mktemp("vq") / "vq_tiny.pckl"
     return pretrain_vq(
@@ -80,21 +80,16 @@ def make_dsr(vq_weights: Path, tiny_widths: dict[str, int]):
 
 
 @pytest.fixture
-def force_algorithms(monkeypatch):
-    """Make inference's timed layers (``anomalib_dsr.model.unet``) take fixed algorithms instead of timing them:
-    ``force_algorithms(*names, nnpack=False)`` gives each layer the first of ``names`` it is offered, else its own (the
-    first it lists), and NNPACK sections only if ``nnpack``."""
-    import anomalib_dsr.model.unet as unet_module
+def force_algorithms():
+    """Fix inference's timed layers to given algorithms (``anomalib_dsr.model.layers.fixed_algorithms``) for the
+    test: ``force_algorithms(*names, nnpack=False)`` gives each layer the first of ``names`` it is offered, else its
+    own (the first it lists), and NNPACK sections only if ``nnpack``."""
+    from contextlib import ExitStack
 
-    def force(*names: str, nnpack: bool = False) -> None:
-        def choose(module, x, algorithms):
-            return next((name for name in names if name in algorithms), next(iter(algorithms)))
+    from anomalib_dsr.model.layers import fixed_algorithms
 
-        monkeypatch.setattr(unet_module, "_FASTEST", {})
-        monkeypatch.setattr(unet_module, "_nnpack_is_faster", lambda module, x, body: nnpack)
-        monkeypatch.setattr(unet_module, "fastest_algorithm", choose)
-
-    return force
+    with ExitStack() as stack:
+        yield lambda *names, nnpack=False: stack.enter_context(fixed_algorithms(*names, nnpack=nnpack))
 
 
 @pytest.fixture

@@ -92,8 +92,7 @@ def deployed(tmp_path_factory, demo_root: Path, tiny_widths: dict[str, int]) -> 
     from anomalib.data import MVTecAD
 
     from anomalib_dsr import Dsr
-
-    from anomalib_dsr.model.pretraining import pretrain_vq
+    from anomalib_dsr.workflows.pretrain_vq import pretrain_vq
 
     from conftest import VQ_WIDTHS
 
@@ -108,7 +107,9 @@ def deployed(tmp_path_factory, demo_root: Path, tiny_widths: dict[str, int]) -> 
         trainer_kwargs=dict(TRAINER_KWARGS),
         **VQ_WIDTHS,
     )
-    model = Dsr(vq_weights=vq_weights, pre_processor=Dsr.configure_pre_processor((IMAGE_SIZE, IMAGE_SIZE)), **tiny_widths)
+    model = Dsr(
+        vq_weights=vq_weights, pre_processor=Dsr.configure_pre_processor((IMAGE_SIZE, IMAGE_SIZE)), **tiny_widths
+    )
     datamodule = MVTecAD(root=demo_root, category=CATEGORY, train_batch_size=4, eval_batch_size=4, num_workers=0)
     engine = Engine(default_root_dir=root / "train", max_steps=12, logger=False, **TRAINER_KWARGS)
     engine.fit(model, datamodule=datamodule)

@@ -1,4 +1,6 @@
-"""Simulated anomalies (SPEC §3 and §4): Perlin masks, latent code replacement, image-space anomalies.
+"""Simulated anomalies: Perlin masks, latent code replacement, image-space anomalies.
+
+The recipes: docs/method.md#simulated-anomalies (phase 2) and docs/method.md#phase-3 (phase 3).
 
 Statistical checks draw thousands of samples and use tolerances of at least 4 standard deviations, so
 they do not depend on the seed; the seed only makes a failure reproducible.
@@ -43,6 +45,8 @@ def test_masks_and_rotations_do_not_depend_on_autocast() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
             masks = perlin_masks(16, 128, 128, torch.device("cpu"))
             results.append((masks, *ImageAnomalyGenerator(rotation_probability=1.0)(images)))
+    # exact by construction: no op here is on autocast's bf16 list (rotate() disables it around its grid), so both
+    # runs are the same fp32 kernels on the same seeded draws; a bf16 grid would move pixels (what this catches)
     for fp32, bf16 in zip(*results, strict=True):
         assert bf16.dtype == torch.float32
         assert torch.equal(fp32, bf16)
@@ -155,7 +159,7 @@ def test_replace_keeps_unmasked_positions_and_uses_the_rank_window() -> None:
 
     inside = mask[:, 0].bool()
     assert out.shape == q.shape
-    assert torch.equal(out.permute(0, 2, 3, 1)[~inside], q.permute(0, 2, 3, 1)[~inside])
+    assert torch.equal(out.permute(0, 2, 3, 1)[~inside], q.permute(0, 2, 3, 1)[~inside])  # exact: copied
     assert not torch.equal(q, out)
 
     # λ ~ U[0.2, 1) per image, and the window follows it.
@@ -164,7 +168,7 @@ def test_replace_keeps_unmasked_positions_and_uses_the_rank_window() -> None:
     assert (strength >= 0.2).all() and (strength < 1).all()
     assert strength.min() < 0.3 and strength.max() > 0.9
     expected_high = torch.clamp(torch.floor(strength * K).long() + 1, max=K - 1)
-    assert torch.equal(seen["high"], expected_high)
+    assert torch.equal(seen["high"], expected_high)  # exact: integers from one correctly rounded product
     assert seen["low"] == math.floor(0.05 * K)
 
     b_idx, y_idx, x_idx = inside.nonzero(as_tuple=True)
@@ -208,7 +212,7 @@ def test_replace_is_reproducible_under_manual_seed() -> None:
     second = generator.replace(codebook, z, q, mask)
     torch.manual_seed(124)
     third = generator.replace(codebook, z, q, mask)
-    assert torch.equal(first, second)
+    assert torch.equal(first, second)  # exact by construction: the same draws and the same kernels
     assert not torch.equal(first, third)
 
 
@@ -230,7 +234,7 @@ def test_image_anomalies_blend_colour_and_image_inside_the_mask() -> None:
     assert out.shape == images.shape and masks.shape == (b, 1, 32, 32)
     assert set(masks.unique().tolist()) <= {0.0, 1.0}
     outside = masks.expand_as(images) == 0
-    assert torch.equal(out[outside], images[outside])
+    assert torch.equal(out[outside], images[outside])  # exact: 0·blended + 1·image rounds to the image
     assert out.min() >= 0 and out.max() <= 1
 
     betas = []

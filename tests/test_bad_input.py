@@ -20,9 +20,10 @@ from PIL import Image
 from torchvision.transforms.v2 import Resize
 
 from anomalib_dsr import Dsr
-from anomalib_dsr.model.data_check import DataError, check_datamodule, check_image_files, image_problem
-from anomalib_dsr.checkpoints.original_format import WeightsError
-from anomalib_dsr.model.pretraining import ImageFolders
+from anomalib_dsr.data.data_check import DataError, check_datamodule, check_image_files, image_problem
+from anomalib_dsr.data.image_folders import ImageFolders
+from anomalib_dsr.model.original_format import WeightsError
+from anomalib_dsr.model.torch_model import check_image_size
 
 from conftest import CATEGORY, IMAGE_SIZE, TRAINER_KWARGS
 
@@ -166,7 +167,8 @@ def test_grayscale_rgba_palette_and_mixed_sizes_train(make_dsr, tmp_path: Path) 
         image = read_image(path, as_tensor=True)
         assert image.shape[0] == 3 and 0 <= image.min() and image.max() <= 1, path
     datamodule = folder_datamodule(root)
-    assert check_datamodule(datamodule, make_dsr().pre_processor.transform) == 5 + 4  # 5 good, 2 defect, 2 masks
+    checked = check_datamodule(datamodule, make_dsr().pre_processor.transform, check_image_size)
+    assert checked == 5 + 4  # 5 good, 2 defect, 2 masks
 
     model = make_dsr()
     engine(tmp_path / "results", max_steps=3).fit(model, datamodule=datamodule)
@@ -179,7 +181,7 @@ def test_sizes_that_dsr_cannot_process_are_refused_with_a_message(make_dsr, tiny
     datamodule = folder_datamodule(root)
     # No resizing pre-processor: the 100x70 image reaches the model as it is.
     with pytest.raises(ValueError, match=r"100x70.*becomes \(70, 100\).*multiples of 32") as error:
-        check_datamodule(datamodule, None)
+        check_datamodule(datamodule, None, check_image_size)
     assert "good/" in str(error.value)
     model = make_dsr(pre_processor=PreProcessor(transform=Resize((60, 60))))
     with pytest.raises(ValueError, match=r"becomes \(60, 60\).*multiples of 32"):

@@ -1,5 +1,6 @@
 """``configs/dsr_cpu.yaml``, the CPU recipe: the anomalib CLI builds it as written, and the real-defect benchmark
-configs train DSR with the same recipe (only ELPV's aligned cells drop the rotations, chosen on its validation split)."""
+configs train DSR with the same recipe (only ELPV's aligned cells drop the rotations, chosen on its validation
+split)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,17 @@ def test_cli_builds_the_recipe_on_the_users_dataset(tmp_path: Path) -> None:
     cli = AnomalibCLI(
         args=[
             "train",
-            "--config", str(ROOT / "configs" / "dsr_cpu.yaml"),
-            "--data", "anomalib.data.MVTecAD",
-            "--data.root", str(tmp_path / "MVTecAD"),
-            "--data.category", "carpet",
-            "--default_root_dir", str(tmp_path / "results"),
-        ],  # fmt: skip
+            "--config",
+            str(ROOT / "configs" / "dsr_cpu.yaml"),
+            "--data",
+            "anomalib.data.MVTecAD",
+            "--data.root",
+            str(tmp_path / "MVTecAD"),
+            "--data.category",
+            "carpet",
+            "--default_root_dir",
+            str(tmp_path / "results"),
+        ],
         run=False,
     )
     model, recipe = cli.model, RECIPE["model"]["init_args"]

@@ -147,7 +147,7 @@ def test_checker_reports_broken_links(tmp_path: Path):
     text = "\n".join(
         [
             "# Title",
-            "[fine](docs/page.md) and ![chart](docs/chart.png \"a chart\") and [folder](docs/)",
+            '[fine](docs/page.md) and ![chart](docs/chart.png "a chart") and [folder](docs/)',
             "[heading](docs/page.md#speed-and-memory-fp32-2) [repeated](docs/page.md#notes-1)",
             "[web](https://example.com/x.md) [mail](mailto:someone@example.com) [here](#title)",
             "[gone](docs/missing.md) and ![gone too](docs/missing.png)",

@@ -13,10 +13,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalib_dsr.workflows.elpv import prepare_elpv
+from anomalib_dsr.data.elpv import prepare_elpv
 
 # (type, probability) → count in the stand-in
-COUNTS = {("mono", 0.0): 10, ("mono", 1.0): 6, ("mono", 1 / 3): 3, ("poly", 0.0): 20, ("poly", 1.0): 4, ("poly", 2 / 3): 2}
+COUNTS = {
+    ("mono", 0.0): 10,
+    ("mono", 1.0): 6,
+    ("mono", 1 / 3): 3,
+    ("poly", 0.0): 20,
+    ("poly", 1.0): 4,
+    ("poly", 2 / 3): 2,
+}
 
 
 @pytest.fixture
@@ -56,7 +63,9 @@ def test_test_cap_seed_and_idempotence(elpv_package: Path, tmp_path: Path) -> No
     root = prepare_elpv(tmp_path / "elpv", max_test_per_class=3, seed=0)
     assert len(files(root / "poly" / "test/good")) == 3 and len(files(root / "poly" / "test/defect")) == 3
     # the cells beyond the cap form a validation split, disjoint from train and test
-    splits = {sub: files(root / "poly" / sub) for sub in ("train/good", "test/good", "test/defect", "val/good", "val/defect")}
+    splits = {
+        sub: files(root / "poly" / sub) for sub in ("train/good", "test/good", "test/defect", "val/good", "val/defect")
+    }
     assert len(splits["val/good"]) == 20 - 16 - 3 and len(splits["val/defect"]) == 4 - 3
     assert sum(map(len, splits.values())) == len(set().union(*splits.values()))
     first = files(root / "poly" / "train/good")
@@ -68,7 +77,9 @@ def test_test_cap_seed_and_idempotence(elpv_package: Path, tmp_path: Path) -> No
     assert files(root / "poly" / "train/good") != first
 
 
-def test_missing_package_and_bad_share_are_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, elpv_package: Path) -> None:
+def test_missing_package_and_bad_share_are_explained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, elpv_package: Path
+) -> None:
     with pytest.raises(ValueError, match="train_share must lie in"):
         prepare_elpv(tmp_path / "elpv", train_share=1.0)
     monkeypatch.setitem(sys.modules, "elpv_dataset", None)  # import fails

@@ -86,10 +86,12 @@ def test_cli_train_then_test_and_predict_from_checkpoint(vq_weights, demo_root, 
             "train",
             *model_args(vq_weights, tiny_widths),
             *data_args(demo_root),
-            "--trainer.max_steps", "6",
+            "--trainer.max_steps",
+            "6",
             *QUIET_ARGS,
-            "--default_root_dir", str(tmp_path / "train"),
-        ]  # fmt: skip
+            "--default_root_dir",
+            str(tmp_path / "train"),
+        ]
     )
     assert train.model.global_step == 6
     assert train.model.phase2_steps == 4
@@ -104,12 +106,18 @@ def test_cli_train_then_test_and_predict_from_checkpoint(vq_weights, demo_root, 
             "test",
             *model_args(no_vq, tiny_widths),
             *data_args(demo_root),
-            "--ckpt_path", str(checkpoint),
+            "--ckpt_path",
+            str(checkpoint),
             *QUIET_ARGS,
-            "--default_root_dir", str(tmp_path / "test"),
-        ]  # fmt: skip
+            "--default_root_dir",
+            str(tmp_path / "test"),
+        ]
     )
     tested = {name: float(test.engine.trainer.callback_metrics[name]) for name in METRICS}
+    # Exact by construction: the checkpoint holds the trained weights bit for bit, and in one process both runs take
+    # the algorithms timed first (the timed choices, _FASTEST and _ALGORITHM, are cached per architecture for the
+    # process), on the same batches: the same scores, the same metrics. In separate processes timing may pick other
+    # kernels, whose rounding can swap near-tied images: then compare in swapped pairs (docs/development.md).
     assert tested == pytest.approx(trained_metrics, abs=1e-6)
     assert test.model.phase2_steps == 4
 
@@ -118,11 +126,14 @@ def test_cli_train_then_test_and_predict_from_checkpoint(vq_weights, demo_root, 
         args=[
             "predict",
             *model_args(no_vq, tiny_widths),
-            "--data", str(images),
-            "--ckpt_path", str(checkpoint),
+            "--data",
+            str(images),
+            "--ckpt_path",
+            str(checkpoint),
             *QUIET_ARGS,
-            "--default_root_dir", str(tmp_path / "predict"),
-        ]  # fmt: skip
+            "--default_root_dir",
+            str(tmp_path / "predict"),
+        ]
     )
     check_predictions(predict.engine.trainer.predict_loop.predictions, len(list(images.glob("*.png"))))
 
@@ -134,13 +145,18 @@ def test_cli_one_epoch_trains_both_phases_and_logs_them(vq_weights, demo_root, t
             "fit",
             *model_args(vq_weights, tiny_widths),
             *data_args(demo_root, train_batch_size=2),
-            "--trainer.max_epochs", "1",
-            "--trainer.log_every_n_steps", "1",
-            "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.save_dir", str(tmp_path / "logs"),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.log_every_n_steps",
+            "1",
+            "--trainer.logger",
+            "lightning.pytorch.loggers.CSVLogger",
+            "--trainer.logger.save_dir",
+            str(tmp_path / "logs"),
             *QUIET_ARGS,
-            "--default_root_dir", str(tmp_path / "fit"),
-        ]  # fmt: skip
+            "--default_root_dir",
+            str(tmp_path / "fit"),
+        ]
     )
     assert cli.model.global_step == 4
     assert cli.model.phase2_steps == round(4 * 2 / 3)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from anomalib.cli import AnomalibCLI
 from anomalib.deploy import CompressionType
 
-from anomalib_dsr.export import code_path
+from anomalib_dsr.deploy.export import code_path
+
 from conftest import IMAGE_SIZE
 from deploy_support import ONNX_KWARGS, assert_parity, compare, demo_test_images, deployed
 
@@ -53,14 +54,21 @@ def cli_export(exported, export_type: str, tmp_path) -> AnomalibCLI:
     return AnomalibCLI(
         args=[
             "export",
-            "--model", "anomalib_dsr.Dsr",
-            "--ckpt_path", str(exported["checkpoint"]),
-            "--export_type", export_type,
-            "--export_root", str(tmp_path / export_type),
-            "--onnx_kwargs", '{"opset_version": 18}',
-            "--trainer.accelerator", "cpu",
-            "--default_root_dir", str(tmp_path / "cli"),
-        ]  # fmt: skip
+            "--model",
+            "anomalib_dsr.Dsr",
+            "--ckpt_path",
+            str(exported["checkpoint"]),
+            "--export_type",
+            export_type,
+            "--export_root",
+            str(tmp_path / export_type),
+            "--onnx_kwargs",
+            '{"opset_version": 18}',
+            "--trainer.accelerator",
+            "cpu",
+            "--default_root_dir",
+            str(tmp_path / "cli"),
+        ]
     )
 
 
@@ -110,8 +118,11 @@ def test_cli_export_torch(exported, demo_root, tmp_path, force_algorithms):
     (pt_file,) = (tmp_path / "torch").rglob("model.pt")
     loaded = torch.load(pt_file, map_location="cpu", weights_only=False)["model"].eval()
     images = inputs(demo_root)["96x80"]
-    figures = compare(reference(exported["model"], images), {k: v.numpy() for k, v in reference(loaded, images)._asdict().items() if v is not None})
-    assert set(figures.values()) == {0.0}, figures
+    figures = compare(
+        reference(exported["model"], images),
+        {k: v.numpy() for k, v in reference(loaded, images)._asdict().items() if v is not None},
+    )
+    assert set(figures.values()) == {0.0}, figures  # exact by construction: a copy, the same kernels, same batch
 
 
 @pytest.mark.slow
@@ -122,17 +133,25 @@ def test_fp16_and_int8_ptq_exports(exported, demo_root, make_datamodule, tmp_pat
     images = inputs(demo_root)["64x64"]
     expected = reference(model, images)
     fp16 = engine.export(
-        model, "openvino", export_root=tmp_path / "fp16", compression_type=CompressionType.FP16, onnx_kwargs=dict(ONNX_KWARGS)
+        model,
+        "openvino",
+        export_root=tmp_path / "fp16",
+        compression_type=CompressionType.FP16,
+        onnx_kwargs=dict(ONNX_KWARGS),
     )
     fp16_figures = compare(expected, run_openvino(fp16, images, {"INFERENCE_PRECISION_HINT": "f32"}))
     # f16 weights: close, not equal (this barely trained model amplifies rounding in its InstanceNorms)
     assert fp16_figures["pred_score"] < 1e-2 and fp16_figures["anomaly_map_mean"] < 5e-2, fp16_figures
-    # the code path's weights stay f32 (anomalib_dsr.export.keep_code_path_in_f32), the others are stored in f16
+    # the code path's weights stay f32 (anomalib_dsr.deploy.export.keep_code_path_in_f32), the others are stored in f16
     compressed = ov.Core().read_model(fp16)
     on_path = {op.get_friendly_name() for op in code_path(compressed)}
-    weights = [op for op in compressed.get_ops() if op.get_type_name() == "Constant" and op.get_element_type().is_real()]
+    weights = [
+        op for op in compressed.get_ops() if op.get_type_name() == "Constant" and op.get_element_type().is_real()
+    ]
     assert {str(op.get_element_type()) for op in weights if op.get_friendly_name() in on_path} == {"<Type: 'float32'>"}
-    assert "<Type: 'float16'>" in {str(op.get_element_type()) for op in weights if op.get_friendly_name() not in on_path}
+    assert "<Type: 'float16'>" in {
+        str(op.get_element_type()) for op in weights if op.get_friendly_name() not in on_path
+    }
     assert fp16.with_suffix(".bin").stat().st_size < exported["openvino"].with_suffix(".bin").stat().st_size
 
     int8 = engine.export(
@@ -143,7 +162,7 @@ def test_fp16_and_int8_ptq_exports(exported, demo_root, make_datamodule, tmp_pat
         datamodule=make_datamodule(),
         onnx_kwargs=dict(ONNX_KWARGS),
     )
-    # f32 inference precision: DSR's deployment setting (anomalib_dsr.export), and what an AVX2-only CPU runs by
+    # f32 inference precision: DSR's deployment setting (anomalib_dsr.deploy.export), and what an AVX2-only CPU runs by
     # default (under ONEDNN_MAX_CPU_ISA=AVX2 OpenVINO still defaults to bf16, which has no AVX2 deconvolution)
     outputs = run_openvino(int8, images, {"INFERENCE_PRECISION_HINT": "f32"})
     quantised = ov.Core().read_model(int8)

@@ -8,11 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from anomalib_dsr.workflows.demo import DemoSettings
-from anomalib_dsr.workflows.demo_data import TEXTURES, _texture
-from anomalib_dsr.model.general_images import GENERAL_VQ_FILE, GENERAL_VQ_WIDTHS, GeneralImages, general_photos, photo_names
-from anomalib_dsr.checkpoints.original_format import VQ_FORMAT, load_original_state, read_state_dict
+from anomalib_dsr.data.demo_data import TEXTURES, _texture
+from anomalib_dsr.data.general_images import (
+    GENERAL_VQ_FILE,
+    GENERAL_VQ_WIDTHS,
+    GeneralImages,
+    general_photos,
+    photo_names,
+)
+from anomalib_dsr.model.original_format import VQ_FORMAT, load_original_state, read_state_dict
 from anomalib_dsr.model.vq_vae import GeneralVQVAE
+from anomalib_dsr.workflows.demo import DemoSettings
 
 
 def test_photos_load_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,7 +66,7 @@ def test_augmentations_widen_appearance() -> None:
     torch.manual_seed(1)
     first = GeneralImages(64, length=1)[0]
     torch.manual_seed(1)
-    assert torch.equal(first, GeneralImages(64, length=1)[0])
+    assert torch.equal(first, GeneralImages(64, length=1)[0])  # exact by construction: same draws, same kernels
     assert not torch.equal(first, GeneralImages(64, length=1)[0])
 
 

@@ -25,12 +25,15 @@ from anomalib.engine import Engine
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from anomalib_dsr.model.pretraining import pretrain_vq
+from anomalib_dsr.workflows.pretrain_vq import pretrain_vq
 
 from conftest import CATEGORY, IMAGE_SIZE, TINY_WIDTHS, TRAINER_KWARGS, VQ_WIDTHS, StopAt
 
 MAX_STEPS = 12  # 8 phase-2 steps (LR x0.1 from step 6), then 4 phase-3 steps
 LR = 1e-3
+# Bitwise equal by construction: the same CPU, one torch thread in every process (conftest, the script), training's
+# kernels only (nn.Conv2d's: training never takes the timed inference algorithms), and weights, Adam state and RNG
+# restored bit for bit. 1e-6 only as a margin: a wrong RNG stream or a lost step moves weights by ~1e-3.
 ATOL = 1e-6
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +88,9 @@ def run_in_process(make_dsr, make_datamodule, root: Path, ckpt_path: Path | None
     model = make_dsr(learning_rate=LR)
     recorder = Recorder()
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_last=True)
-    engine = Engine(default_root_dir=root / "results", callbacks=[checkpoint, recorder], max_steps=MAX_STEPS, **TRAINER_KWARGS)
+    engine = Engine(
+        default_root_dir=root / "results", callbacks=[checkpoint, recorder], max_steps=MAX_STEPS, **TRAINER_KWARGS
+    )
     engine.fit(model, datamodule=make_datamodule(), ckpt_path=ckpt_path)
     return model, recorder, engine.trainer.optimizers[0].state_dict()
 
@@ -97,7 +102,11 @@ def interrupt(script: Path, args: list[str], ckpt_dir: Path, pause_at: int, sig:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen(
         [sys.executable, str(script), *args[:4], str(pause_at), args[4]],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         # A test runner started in the background may ignore SIGINT, and children inherit that: restore it.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
@@ -161,7 +170,9 @@ def test_killed_in_phase_2_and_3_then_resumed_matches_uninterrupted(
     # Adam's moments and step counts too.
     for index, state in straight_opt["state"].items():
         for name, value in state.items():
-            torch.testing.assert_close(resumed_opt["state"][index][name], value, rtol=0, atol=ATOL, msg=f"{index}.{name}")
+            torch.testing.assert_close(
+                resumed_opt["state"][index][name], value, rtol=0, atol=ATOL, msg=f"{index}.{name}"
+            )
 
 
 def test_default_config_writes_a_resumable_last_checkpoint() -> None:
@@ -179,7 +190,9 @@ def test_vq_pretraining_resumes_exactly(demo_root: Path, tmp_path: Path) -> None
     weights (tolerance 1e-6; the RNG state in the checkpoint makes data order and code restarts match)."""
     images = [demo_root / CATEGORY / "train" / "good"]
     kwargs = {"image_size": IMAGE_SIZE, "max_steps": 8, "batch_size": 4, "seed": 0, **VQ_WIDTHS}
-    straight = pretrain_vq(images, tmp_path / "straight.pckl", resume=False, trainer_kwargs=dict(TRAINER_KWARGS), **kwargs)
+    straight = pretrain_vq(
+        images, tmp_path / "straight.pckl", resume=False, trainer_kwargs=dict(TRAINER_KWARGS), **kwargs
+    )
     out = tmp_path / "resumed.pckl"
     pretrain_vq(images, out, trainer_kwargs={**TRAINER_KWARGS, "callbacks": [StopAt(4)]}, **kwargs)
     last = tmp_path / "resumed_checkpoints" / "last.ckpt"

@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.transforms.v2 import Resize
 
 from anomalib_dsr.cli import main
-from anomalib_dsr.workflows.kolektor import MARKER, KolektorError, prepare_kolektor
+from anomalib_dsr.data.kolektor import MARKER, KolektorError, prepare_kolektor
 
 FOLDERS, PARTS = 3, 4
 DEFECTIVE = {"kos01_Part1", "kos02_Part3"}  # kos02_Part3's label is a palette BMP, as in the real copy

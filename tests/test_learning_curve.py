@@ -9,7 +9,8 @@ import torch
 from anomalib.engine import Engine
 from PIL import Image
 
-from anomalib_dsr.workflows.learning_curve import LearningCurve, evaluate, save_curve_chart
+from anomalib_dsr.evaluation.learning_curve import LearningCurve, evaluate, save_curve_chart
+
 from conftest import TRAINER_KWARGS
 
 
@@ -27,7 +28,7 @@ def test_dsr_curve_points_csv_and_chart(make_dsr, make_datamodule, tmp_path: Pat
     with (tmp_path / "curve.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [int(row["step"]) for row in rows] == [2, 4, 6]
-    assert float(rows[-1]["image_AUROC"]) == curve.rows[-1]["image_AUROC"]
+    assert float(rows[-1]["image_AUROC"]) == curve.rows[-1]["image_AUROC"]  # exact: csv writes repr(float)
     # The model is back in training mode where it was (the VQ-VAE stays in eval mode).
     assert model.model.restriction_lo.training and not model.model.vq.training
 

@@ -14,7 +14,7 @@ import timm
 import torch
 from PIL import Image
 
-from anomalib_dsr.workflows.offline_backbones import (
+from anomalib_dsr.workflows.benchmark.backbones import (
     INSTALL_HINT,
     OFFLINE_BACKBONES,
     OfflineWeightsError,
@@ -115,7 +115,7 @@ def test_files_that_do_not_fit_are_refused_naming_file_and_key(tmp_path):
 def test_missing_package_names_the_extra(monkeypatch):
     import dataclasses
 
-    from anomalib_dsr.workflows import offline_backbones
+    from anomalib_dsr.workflows.benchmark import backbones as offline_backbones
 
     absent = dataclasses.replace(OFFLINE_BACKBONES["tf_efficientnet_lite0"], module="no_such_weights_package")
     monkeypatch.setitem(offline_backbones.OFFLINE_BACKBONES, "tf_efficientnet_lite0", absent)

@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol (SPEC §5): centre-crop pixel metrics, the evaluator config, the table (SPEC §6)."""
+"""The paper's evaluation protocol (docs/method.md#inference): centre-crop pixel metrics, evaluator config, table."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from anomalib.data import ImageBatch
 from anomalib.metrics import AUPR, AUROC
 
 from anomalib_dsr.cli import main as dsr_cli
-from anomalib_dsr.workflows.paper_protocol import CentreCropAUPR, CentreCropAUROC, PaperEvaluator, centre_crop
-from anomalib_dsr.workflows.paper_table import PAPER_IMAGE_AUROC, paper_table, parse_result, read_metrics
+from anomalib_dsr.evaluation.paper_protocol import CentreCropAUPR, CentreCropAUROC, PaperEvaluator, centre_crop
+from anomalib_dsr.evaluation.paper_table import PAPER_IMAGE_AUROC, paper_table, parse_result, read_metrics
 
 CONFIG = Path(__file__).parents[1] / "configs" / "eval" / "paper_protocol.yaml"
 
@@ -109,6 +109,7 @@ def test_paper_protocol_config_with_anomalib_test(tmp_path: Path, demo_root: Pat
     csv_file = tmp_path / "csv" / "gravel" / "version_0" / "metrics.csv"
     metrics = read_metrics(csv_file)
     assert {"image_AUROC", "image_AUPR", "pixel_CentreCropAUROC", "pixel_CentreCropAUPR"} <= set(metrics)
+    # exact by construction: the same number, read back from the CSV's decimal text (approx: its last digit)
     assert metrics["image_AUROC"] == pytest.approx(float(cli.engine.trainer.callback_metrics["image_AUROC"]))
 
     dsr_cli(["paper-table", f"gravel={csv_file}", "--output", str(tmp_path / "table.md")])
@@ -145,7 +146,7 @@ def test_table_layout_and_difference(tmp_path: Path) -> None:
 def test_table_of_all_categories_has_the_papers_mean() -> None:
     table = paper_table({category: {"image_AUROC": 0.98} for category in PAPER_IMAGE_AUROC})
     paper_row = table.splitlines()[2].split(" | ")
-    assert paper_row[-1] == "98.2 |"  # SPEC §6: mean 98.2
+    assert paper_row[-1] == "98.2 |"  # docs/method.md#reported-results: mean 98.2
     assert table.splitlines()[0].startswith("|  | bottle | capsule | grid | leather | pill | tile | transistor |")
 
 

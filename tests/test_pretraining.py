@@ -1,4 +1,4 @@
-"""Phase 1: pretraining the general VQ-VAE and writing it in the authors' layout (SPEC §4, §7)."""
+"""Phase 1 (docs/method.md#phase-1): pretraining the general VQ-VAE and writing it in the authors' layout."""
 
 from __future__ import annotations
 
@@ -12,9 +12,16 @@ from PIL import Image
 
 from anomalib_dsr import Dsr
 from anomalib_dsr.cli import main as dsr_cli
-from anomalib_dsr.checkpoints.original_format import VQ_FORMAT, WeightsError, load_original_state, original_state, read_state_dict
-from anomalib_dsr.model.pretraining import ImageFolders, pretrain_vq
+from anomalib_dsr.data.image_folders import ImageFolders
+from anomalib_dsr.model.original_format import (
+    VQ_FORMAT,
+    WeightsError,
+    load_original_state,
+    original_state,
+    read_state_dict,
+)
 from anomalib_dsr.model.vq_vae import GeneralVQVAE
+from anomalib_dsr.workflows.pretrain_vq import pretrain_vq
 
 from conftest import CATEGORY, IMAGE_SIZE, TRAINER_KWARGS, VQ_WIDTHS
 
@@ -30,7 +37,7 @@ ORIGINAL_PREFIXES = (
 )
 
 
-RELEASED_KEYS = Path(__file__).parent / "data" / "original_checkpoint_keys.txt"  # copy of the spec's listing
+RELEASED_KEYS = Path(__file__).parent / "data" / "original_checkpoint_keys.txt"  # the authors' key layout, as released
 
 
 def released_vq_keys() -> set[str]:
@@ -182,7 +189,7 @@ def test_general_pretraining_from_the_command_line_logs_codebook_usage(
     """`pretrain-vq --general` trains on the photographs packages ship and logs how many codes are used."""
     output = tmp_path / "general" / "vq.pckl"
     widths = [arg for name, value in VQ_WIDTHS.items() for arg in (f"--{name.replace('_', '-')}", str(value))]
-    with caplog.at_level("INFO", logger="anomalib_dsr.model.pretraining"):
+    with caplog.at_level("INFO", logger="anomalib_dsr.workflows.pretrain_vq"):
         dsr_cli(["pretrain-vq", "--general", "--output", str(output), "--image-size", "64", "--max-steps", "3",
                  "--batch-size", "4", "--num-workers", "0", "--accelerator", "cpu", *widths])  # fmt: skip
     usage = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Codebook usage"))

@@ -1,4 +1,4 @@
-"""The DSR torch model with tiny widths (SPEC §1–5): shapes, anomaly injection, frozen VQ-VAE, scores."""
+"""The DSR torch model with tiny widths (docs/method.md): shapes, anomaly injection, frozen VQ-VAE, scores."""
 
 from __future__ import annotations
 
@@ -65,7 +65,11 @@ def test_pred_score_is_max_of_21x21_average_of_lo_map(model: DsrModel) -> None:
     padded = F.pad(probs_lo[:, 1:], (10, 10, 10, 10))  # zeros, counted in the average
     window_mean = F.conv2d(padded, torch.full((1, 1, 21, 21), 1 / 441))
     assert window_mean.shape == (3, 1, SIZE, SIZE)
-    torch.testing.assert_close(out.pred_score, window_mean.flatten(1).amax(1), rtol=1e-5, atol=1e-6)
+    # Two kernels (two 1-D average pools against one 21x21 convolution): a float32 sum of n ≤ 441 terms in [0, 1]
+    # errs by at most n·eps32/2 = 2.6e-5 of it, in any order (seen: 1e-7); a window of 19 or 23, or uncounted
+    # padding, moves the score by 1.5e-3 or more. probs_lo is bit for bit the one ``out`` scored: the same calls on
+    # the same batch, with the algorithms the first call chose.
+    torch.testing.assert_close(out.pred_score, window_mean.flatten(1).amax(1), rtol=3e-5, atol=1e-6)
     # Not simply the maximum of the map, nor of the upsampled map.
     assert not torch.allclose(out.pred_score, probs_lo[:, 1].flatten(1).amax(1))
     # The pixel map is the upsampling module's anomaly probability.
@@ -99,7 +103,7 @@ def test_forward_restriction_training_shapes(model: DsrModel, tiny_widths: dict[
     assert out.image_spc.shape == out.target_image.shape == (b, 3, SIZE, SIZE)
     assert out.logits_lo.shape == (b, 2, SIZE, SIZE)
     assert out.target_mask.shape == (b, 1, SIZE, SIZE)
-    # The reconstruction target is the input in the VQ-VAE's BGR order (SPEC §4).
+    # The reconstruction target is the input in the VQ-VAE's BGR order (docs/method.md#input); exact: a copy.
     assert torch.equal(out.target_image, images.flip(1))
     # Gradients reach the trainable modules only through the loss terms that concern them.
     assert out.restricted_lo.requires_grad and out.image_spc.requires_grad and out.logits_lo.requires_grad
@@ -112,15 +116,16 @@ def test_empty_mask_injects_nothing(model: DsrModel) -> None:
     seen = record_restore_inputs(model)
     images = torch.rand(3, 3, SIZE, SIZE)
     out = model.forward_restriction_training(images, torch.zeros(3, 1, SIZE, SIZE))
+    # exact by construction: quantised features are copies of codebook rows, and nothing is replaced
     assert torch.equal(out.target_mask, torch.zeros(3, 1, SIZE, SIZE))
     assert torch.equal(seen["q_lo"], out.target_lo)
     assert torch.equal(seen["q_hi"], out.target_hi)
-    encoded = model.vq.encode(images.flip(1))
+    encoded = model.vq.encode(images.flip(1))  # the same encoder on the same batch, layout and threads: same codes
     assert torch.equal(out.target_lo, encoded.q_lo) and torch.equal(out.target_hi, encoded.q_hi)
 
 
 def test_levels_and_blocky_target_masks(model: DsrModel) -> None:
-    """Per image: both levels, lo only, hi only (SPEC §3.3) and the blocky ground truth of §3.4."""
+    """Per image: both levels, lo only, hi only, and the blocky ground truth (docs/method.md#simulated-anomalies)."""
     model.train()
     force_levels(model, [True, True, False], [True, False, True])
     seen = record_restore_inputs(model)
@@ -237,6 +242,8 @@ def test_bf16_autocast_keeps_fp32_codes(model: DsrModel) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             bf16 = model(images)
     assert len(fp32_codes) == len(codes) == 4
+    # exact by construction: the code path runs with autocast disabled, so both calls are the same fp32 kernels on
+    # the same input; a bf16 op there would move codes (what this catches)
     for ours, reference in zip(codes, fp32_codes, strict=True):
         assert torch.equal(ours, reference)
     difference = (bf16.anomaly_map.float() - fp32.anomaly_map).abs()
@@ -258,6 +265,8 @@ def test_bf16_training_keeps_fp32_codes(model: DsrModel) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = model.forward_restriction_training(images, masks)
     assert len(codes) == len(fp32_codes) >= 4
+    # exact by construction: the code path runs with autocast disabled (same fp32 kernels, same input, same seeded
+    # draws), so codes, anomalies, restricted features and masks are bit for bit fp32's; a bf16 op there would not be
     for ours, reference in zip(codes, fp32_codes, strict=True):
         assert torch.equal(ours, reference)
     for name in ("restricted_lo", "restricted_hi", "target_lo", "target_hi", "target_mask"):

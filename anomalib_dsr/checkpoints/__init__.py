@@ -1,2 +1,7 @@
-"""The authors' released checkpoint layout: ``original_format.py`` maps our modules' tensors to their files'
-keys, ``original_checkpoint.py`` imports their six ``.pckl`` files into a Lightning checkpoint and exports back."""
+"""Checkpoints: :func:`load_dsr_checkpoint`, the one loader of ``Dsr`` Lightning checkpoints (``loading.py``), and
+the import and export of the authors' released ``.pckl`` files (``original_checkpoint.py``; their key layout lives
+with the model, in ``anomalib_dsr.model.original_format``)."""
+
+from anomalib_dsr.checkpoints.loading import load_dsr_checkpoint
+
+__all__ = ["load_dsr_checkpoint"]

@@ -2,7 +2,7 @@
 
 Import (``anomalib-dsr import-original``, :func:`import_original`):
 
-1. read the six files of one category (SPEC §7): the general VQ-VAE
+1. read the six files of one category (docs/method.md#the-released-code-and-weights): the general VQ-VAE
    ``vq_model_pretrained_128_4096.pckl`` and the five per-category modules, each with ``weights_only=True``;
 2. read the widths (``channels``, ``res_hidden``, ``num_embeddings``, ``embedding_dim``,
    ``decoder_bottleneck``, ``unet_width``) off the tensor shapes listed in ``WIDTH_KEYS``, so files of any
@@ -26,16 +26,15 @@ in the original layout, readable by the authors' code; import → export → imp
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from anomalib.data import AnomalibDataModule
 
+from anomalib_dsr.checkpoints.loading import load_dsr_checkpoint
 from anomalib_dsr.model.lightning_model import Dsr
-from anomalib_dsr.checkpoints.original_format import (
+from anomalib_dsr.model.original_format import (
     ALL_FORMATS,
     VQ_FILE_NAME,
     VQ_FORMAT,
@@ -48,7 +47,7 @@ from anomalib_dsr.checkpoints.original_format import (
 )
 from anomalib_dsr.model.torch_model import DsrModel
 
-PAPER_PHASE2_STEPS = 100_000  # SPEC §4: the released modules had 100,000 phase-2 and 50,000 phase-3 steps
+PAPER_PHASE2_STEPS = 100_000  # released modules: 100,000 phase-2 and 50,000 phase-3 steps (docs/method.md#training)
 
 
 def original_paths(checkpoints: str | Path, category: str, vq: str | Path | None = None) -> dict[FileFormat, Path]:
@@ -143,16 +142,7 @@ def save_original(model: DsrModel, output: str | Path, category: str) -> list[Pa
 
 def export_original(ckpt: str | Path, output: str | Path, category: str) -> list[Path]:
     """Write the modules of a ``Dsr`` Lightning checkpoint as the original files of ``category`` into ``output``."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        msg = f"Checkpoint not found: {ckpt}"
-        raise WeightsError(msg)
-    try:
-        model = Dsr.load_from_checkpoint(ckpt, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile) as error:
-        msg = f"{ckpt} is not a loadable Lightning checkpoint of anomalib_dsr.Dsr: {str(error).splitlines()[0]}"
-        raise WeightsError(msg) from None
-    return save_original(model.model, output, category)
+    return save_original(load_dsr_checkpoint(ckpt).model, output, category)
 
 
 def _same_tensors(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:

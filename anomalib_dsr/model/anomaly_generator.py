@@ -1,4 +1,4 @@
-"""Simulated anomalies for DSR training (SPEC §3 for phase 2, §4 for phase 3).
+"""Simulated anomalies for DSR training: phase 2 (docs/method.md#simulated-anomalies), phase 3 (docs/method.md#phase-3).
 
 All randomness comes from torch's global RNG on the batch's device, so ``seed_everything`` makes a
 run reproducible.
@@ -52,7 +52,7 @@ def perlin_masks(
     device: torch.device,
     normal_probability: float = 0.5,
 ) -> torch.Tensor:
-    """Binary Perlin masks ``(B, 1, H, W)`` (SPEC §3.1).
+    """Binary Perlin masks ``(B, 1, H, W)`` (docs/method.md#simulated-anomalies).
 
     Noise with 2^a x 2^b periods (a, b ~ U{0..5}, anomalib's ``generate_perlin_noise``), rotated by
     U(-90°, 90°), thresholded at > 0.5; each mask is emptied with ``normal_probability`` (paper: 0.5).
@@ -69,7 +69,7 @@ def blocky(mask: torch.Tensor, cell: int) -> torch.Tensor:
 
 
 class LatentAnomalyGenerator:
-    """Replaces quantised features inside a mask by distant codebook entries (SPEC §3.2–3.3).
+    """Replaces quantised features inside a mask by distant codebook entries (docs/method.md#simulated-anomalies).
 
     Args:
         strength: lower bound of λ ~ U[strength, 1) (paper: 0.2, ``latent_anomaly_strength``).
@@ -121,14 +121,16 @@ class LatentAnomalyGenerator:
 
 
 class ImageAnomalyGenerator:
-    """Phase-3 anomalies in image space (SPEC §4).
+    """Phase-3 anomalies in image space (docs/method.md#phase-3).
 
     Inside a Perlin mask, pixel = (1 − β)·c + β·x with one random colour c per image and
     β ~ U[0, max_beta) (paper: 0.8); the base image is first rotated ±90° with ``rotation_probability``
     (paper: 0.3); masks are empty with ``normal_probability`` (paper: 0.5).
     """
 
-    def __init__(self, max_beta: float = 0.8, rotation_probability: float = 0.3, normal_probability: float = 0.5) -> None:
+    def __init__(
+        self, max_beta: float = 0.8, rotation_probability: float = 0.3, normal_probability: float = 0.5
+    ) -> None:
         self.max_beta = max_beta
         self.rotation_probability = rotation_probability
         self.normal_probability = normal_probability
@@ -143,4 +145,3 @@ class ImageAnomalyGenerator:
         beta = self.max_beta * torch.rand(b, 1, 1, 1, device=images.device, dtype=images.dtype)
         blended = (1 - beta) * colour + beta * images
         return masks * blended + (1 - masks) * images, masks
-

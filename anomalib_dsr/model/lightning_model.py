@@ -1,4 +1,4 @@
-"""DSR as an anomalib model: phases 2 and 3 of the paper in one ``fit`` (SPEC §4).
+"""DSR as an anomalib model: phases 2 and 3 of the paper in one ``fit`` (docs/method.md#training).
 
 Phase 1 (the general VQ-VAE) is trained once with ``anomalib-dsr pretrain-vq`` or taken from the
 authors' release; ``Dsr(vq_weights=...)`` loads it when fitting starts.
@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,16 +27,21 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.utils.path import get_pretrained_weights_dir
 from anomalib.visualization import Visualizer
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torchvision.transforms.v2 import Compose, Normalize, Resize, Transform
 
+from anomalib_dsr.data.data_check import check_datamodule
 from anomalib_dsr.model.anomaly_generator import ImageAnomalyGenerator, perlin_masks, random_rotate
-from anomalib_dsr.model.data_check import check_datamodule
+from anomalib_dsr.model.callbacks import FiniteLossGuard, FrozenModulesSetup, RngStateCheckpoint
 from anomalib_dsr.model.loss import DsrLoss
-from anomalib_dsr.checkpoints.original_format import VQ_FILE_NAME, VQ_FORMAT, WeightsError, load_original_state, read_state_dict
+from anomalib_dsr.model.original_format import (
+    VQ_FILE_NAME,
+    VQ_FORMAT,
+    WeightsError,
+    load_original_state,
+    read_state_dict,
+)
 from anomalib_dsr.model.torch_model import DsrModel, check_image_size
 
 logger = logging.getLogger(__name__)
@@ -146,15 +150,11 @@ class Dsr(AnomalibModule):
         )
         self.loss = DsrLoss()
         self.image_anomalies = ImageAnomalyGenerator()
-        self._frozen_vq_filter: tuple | None = None  # see _quiet_frozen_vq_warning
         self.phase2_steps: int | None = None  # fixed when fitting starts, kept in checkpoints
-        # Non-finite loss checks: immediate on CPU; deferred by one step elsewhere (None: decide by device).
-        self.sync_free_checks: bool | None = None
-        self._unchecked_loss: tuple[torch.Tensor, int, int] | None = None
 
     @staticmethod
     def check_transform(transform: Transform | None) -> None:
-        """Refuse mean/std normalisation: DSR's VQ-VAE expects pixels in [0, 1] (SPEC §4)."""
+        """Refuse mean/std normalisation: DSR's VQ-VAE expects pixels in [0, 1] (docs/method.md#input)."""
         if (normalize := find_normalize(transform)) is not None:
             msg = (
                 f"DSR takes images in [0, 1] without mean/std normalisation, but the transform contains {normalize}. "
@@ -173,13 +173,7 @@ class Dsr(AnomalibModule):
             self.check_transform(getattr(datamodule, name, None))
         if datamodule is not None:
             transform = self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None
-            check_datamodule(datamodule, transform)
-        # Each phase trains only its own modules; DDP must be told that the others get no gradient (they
-        # keep ``grad=None``, so Adam leaves them and their state alone, as in a single process).
-        strategy = self.trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):  # noqa: SLF001
-            strategy._ddp_kwargs["find_unused_parameters"] = True  # noqa: SLF001
-            logger.info("DSR trains one phase's modules at a time: DDP set to find_unused_parameters=True.")
+            check_datamodule(datamodule, transform, check_image_size)
 
     def on_fit_start(self) -> None:
         """Unless resuming, load the general VQ-VAE. Not in ``setup``: Lightning sets ``trainer.ckpt_path``
@@ -187,26 +181,18 @@ class Dsr(AnomalibModule):
         super().on_fit_start()
         if self.trainer.ckpt_path is None:
             self.load_vq_weights()
-        self._quiet_frozen_vq_warning()
 
-    def _quiet_frozen_vq_warning(self) -> None:
-        """Silence Lightning's "Found N module(s) in eval mode at the start of training" when those N modules are
-        exactly the general VQ-VAE's: it is frozen in eval mode on purpose (SPEC §4: its codebooks must not move).
-        Lightning warns between ``on_fit_start`` and ``on_train_start``; :meth:`on_train_start` removes the filter,
-        and any other module left in eval mode changes N and still warns."""
-        frozen = [name for name, module in self.named_modules() if not module.training]
-        if frozen and all(name.startswith("model.vq") for name in frozen):
-            message = rf"Found {len(frozen)} module\(s\) in eval mode at the start of training"
-            warnings.filterwarnings("ignore", message=message, category=PossibleUserWarning)
-            self._frozen_vq_filter = warnings.filters[0]
+    def configure_callbacks(self) -> list[Callback]:
+        """anomalib's (pre- and post-processor, evaluator, visualizer), then the non-finite loss guard, the random
+        state in checkpoints (simulated anomalies and the data order draw from it), and the set-up for training one
+        phase's modules while the general VQ-VAE stays frozen."""
+        own = [FiniteLossGuard(), RngStateCheckpoint("dsr_rng_states"), FrozenModulesSetup("model.vq")]
+        return [*super().configure_callbacks(), *own]
 
     def on_train_start(self) -> None:
         """With several processes (DDP), give each rank its own random stream, so that ranks simulate
         different anomalies: Lightning seeds every rank alike, and a resumed run restores rank 0's state
         everywhere. The per-rank seed is drawn from that common state, so runs stay reproducible."""
-        if self._frozen_vq_filter in warnings.filters:
-            warnings.filters.remove(self._frozen_vq_filter)
-        self._frozen_vq_filter = None
         if self.trainer.world_size > 1:
             base = int(torch.randint(2**62, (), dtype=torch.int64))  # the same on every rank
             torch.manual_seed(base + self.trainer.global_rank)
@@ -229,7 +215,9 @@ class Dsr(AnomalibModule):
                 msg = f"DSR needs at least 2 training steps (one per phase), the trainer allows {total}."
                 raise ValueError(msg)
             self.phase2_steps = min(max(round(total * self.phase_ratio / (self.phase_ratio + 1)), 1), total - 1)
-            logger.info("DSR schedule: %d phase-2 steps, then %d phase-3 steps.", self.phase2_steps, total - self.phase2_steps)
+            logger.info(
+                "DSR schedule: %d phase-2 steps, then %d phase-3 steps.", self.phase2_steps, total - self.phase2_steps
+            )
         model = self.model
         phase2 = [model.restriction_lo, model.restriction_hi, model.object_decoder, model.anomaly_detection]
         # The fused Adam kernel (CPU and CUDA): the same update, several times faster than the per-tensor loop.
@@ -252,10 +240,6 @@ class Dsr(AnomalibModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["dsr_phase2_steps"] = self.phase2_steps
-        # Simulated anomalies and the data order come from torch's global RNG: keep it, so that resuming
-        # from an end-of-epoch checkpoint continues exactly as an uninterrupted run (tensors only: weights_only).
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        checkpoint["dsr_rng_states"] = {"torch": torch.get_rng_state(), "torch.cuda": cuda}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "dsr_phase2_steps" not in checkpoint:
@@ -266,11 +250,6 @@ class Dsr(AnomalibModule):
             raise WeightsError(msg)
         super().on_load_checkpoint(checkpoint)
         self.phase2_steps = checkpoint["dsr_phase2_steps"]
-        rng = checkpoint.get("dsr_rng_states")
-        if rng is not None and self._trainer is not None and self._trainer.state.fn == TrainerFn.FITTING:
-            torch.set_rng_state(rng["torch"])
-            if torch.cuda.is_available() and len(rng["torch.cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["torch.cuda"])
 
     # -------------------------------------------------------------------------------------------- training
     @property
@@ -294,44 +273,7 @@ class Dsr(AnomalibModule):
             loss = self.loss.upsampling(self.model.forward_upsampling_training(images), masks)
         self.log("train/phase", float(phase), on_step=True, on_epoch=False)
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
-        self.check_finite(loss, phase)
         return {"loss": loss}
-
-    def check_finite(self, loss: torch.Tensor, phase: int) -> None:
-        """Stop on a non-finite loss, naming its step and phase, before any weight turns non-finite.
-
-        On CPU the check is immediate: it costs nothing there. On an accelerator it would make every step
-        wait for the device, so there (``sync_free_checks``, with the fused Adam) the optimiser skips the
-        update on the device when the loss is not finite (:meth:`on_before_optimizer_step`), and the loss
-        is read at the next step or at the end of training, long after the device computed it.
-        """
-        deferred = self.sync_free_checks if self.sync_free_checks is not None else loss.device.type != "cpu"
-        optimizers = self.trainer.optimizers if self._trainer is not None else []
-        if not (deferred and optimizers and all(group.get("fused") for group in optimizers[0].param_groups)):
-            self._unchecked_loss = (loss.detach(), self.global_step, phase)
-            self.raise_if_not_finite()
-            return
-        self.raise_if_not_finite()  # the previous step's
-        self._unchecked_loss = (loss.detach(), self.global_step, phase)
-
-    def raise_if_not_finite(self) -> None:
-        """Raise ``FloatingPointError`` if the last loss given to :meth:`check_finite` is not finite."""
-        if self._unchecked_loss is None:
-            return
-        loss, step, phase = self._unchecked_loss
-        self._unchecked_loss = None
-        if not torch.isfinite(loss):
-            msg = f"DSR loss became {loss.item()} at step {step} (phase {phase}); stopping before weights turn NaN."
-            raise FloatingPointError(msg)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """With deferred checks, tell the fused Adam to skip this update on the device if the loss is not finite."""
-        if self._unchecked_loss is not None:
-            optimizer = getattr(optimizer, "_optimizer", optimizer)
-            optimizer.found_inf = (~torch.isfinite(self._unchecked_loss[0])).float()
-
-    def on_train_end(self) -> None:
-        self.raise_if_not_finite()
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict ``pred_score`` and ``anomaly_map`` for a validation batch."""
@@ -340,8 +282,8 @@ class Dsr(AnomalibModule):
 
     @torch.no_grad()
     def curve_predictions(self, images: torch.Tensor) -> InferenceBatch:
-        """What a learning curve (:mod:`anomalib_dsr.workflows.learning_curve`) scores: the model's outputs, except that
-        until the upsampling module has trained a step the anomaly map is P_lo's anomaly channel ``(B, H, W)``."""
+        """What a learning curve (:mod:`anomalib_dsr.evaluation.learning_curve`) scores: the model's outputs, except
+        that until the upsampling module has trained a step the anomaly map is P_lo's anomaly channel ``(B, H, W)``."""
         if self.phase2_steps is None or self.global_step > self.phase2_steps:
             return self.model(images)
         _, _, probs_lo = self.model.detect(images)
@@ -359,7 +301,7 @@ class Dsr(AnomalibModule):
 
     @classmethod
     def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize to ``image_size`` (paper: 256x256); no mean/std normalisation (SPEC §4)."""
+        """Resize to ``image_size`` (paper: 256x256); no mean/std normalisation (docs/method.md#input)."""
         return PreProcessor(transform=Compose([Resize(image_size or (256, 256), antialias=True)]))
 
     @staticmethod
@@ -387,11 +329,11 @@ class Dsr(AnomalibModule):
         onnx_kwargs: dict[str, Any] | None = None,
     ) -> Path:
         """anomalib's OpenVINO export, then the code path kept in f32 at any inference precision
-        (:func:`anomalib_dsr.export.keep_code_path_in_f32`): OpenVINO computes in bf16 by default on CPUs with
+        (:func:`anomalib_dsr.deploy.export.keep_code_path_in_f32`): OpenVINO computes in bf16 by default on CPUs with
         AMX or AVX512-BF16, where the codes would otherwise change. ``FP16`` stores the other weights in f16."""
         from anomalib.deploy import CompressionType
 
-        from anomalib_dsr.export import keep_code_path_in_f32
+        from anomalib_dsr.deploy.export import keep_code_path_in_f32
 
         fp16 = compression_type == CompressionType.FP16
         xml = super().to_openvino(
@@ -404,7 +346,7 @@ class Dsr(AnomalibModule):
     @staticmethod
     def _post_training_quantization_ov(model: Any, datamodule: Any = None) -> Any:
         """``compression_type=INT8_PTQ``: NNCF calibrated on the normal training images, the code path unquantised
-        (:func:`anomalib_dsr.export.quantize`)."""
-        from anomalib_dsr.export import quantize
+        (:func:`anomalib_dsr.deploy.export.quantize`)."""
+        from anomalib_dsr.deploy.export import quantize
 
         return quantize(model, datamodule)

@@ -1,4 +1,4 @@
-"""DSR losses (SPEC §4)."""
+"""DSR losses (docs/method.md#training)."""
 
 from __future__ import annotations
 

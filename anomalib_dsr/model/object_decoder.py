@@ -1,11 +1,11 @@
-"""Object-specific appearance decoder D_spc (SPEC §2)."""
+"""Object-specific appearance decoder D_spc (docs/method.md#modules)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from anomalib_dsr.model.unet import MaxPool2x2, double_conv, init_normal_, run_fastest
+from anomalib_dsr.model.layers import MaxPool2x2, double_conv, init_normal_, run_fastest
 from anomalib_dsr.model.vq_vae import ImageDecoder
 
 
@@ -28,7 +28,7 @@ class ObjectSpecificDecoder(nn.Module):
         self.upblock1 = nn.ConvTranspose2d(bottleneck, bottleneck, 4, stride=2, padding=1)
         self.upblock2 = nn.ConvTranspose2d(bottleneck, bottleneck, 4, stride=2, padding=1)
         self.decoder = ImageDecoder(bottleneck, channels, res_hidden)
-        init_normal_(self)  # SPEC §2: N(0, 0.02)
+        init_normal_(self)  # docs/method.md#modules: N(0, 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = run_fastest(self, x, lambda x: self.pool(self.block2(self.pool(self.block1(x)))))

@@ -1,11 +1,11 @@
-"""Subspace restriction module (SPEC §2): maps quantised features towards the normal subspace."""
+"""Subspace restriction module (docs/method.md#modules): maps quantised features towards the normal subspace."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from anomalib_dsr.model.unet import MaxPool2x2, double_conv, up_conv
+from anomalib_dsr.model.layers import MaxPool2x2, double_conv, up_conv
 
 
 class RestrictionEncoder(nn.Module):

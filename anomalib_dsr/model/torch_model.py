@@ -1,22 +1,22 @@
-"""DSR torch model (SPEC §1–5): general VQ-VAE, subspace restriction, D_spc, anomaly detection, upsampling.
+"""DSR torch model (docs/method.md): general VQ-VAE, subspace restriction, D_spc, anomaly detection, upsampling.
 
-Order of operations at inference (``DsrModel.forward``) for an RGB batch in [0, 1], each step with the part
-of the spec it implements; shapes for a 3x256x256 input at the paper's widths:
+Order of operations at inference (``DsrModel.forward``) for an RGB batch in [0, 1], each step with the section
+of docs/method.md it implements; shapes for a 3x256x256 input at the paper's widths:
 
-1. flip RGB → BGR: the released weights were trained on BGR input (SPEC §4, last point);
-2. general VQ-VAE (SPEC §1 rows 1–5, §2): encoder_hi → 128x64x64; encoder_lo → 128x32x32, 1x1 conv → z_lo;
+1. flip RGB → BGR: the released weights were trained on BGR input (docs/method.md#input);
+2. general VQ-VAE (docs/method.md#shapes): encoder_hi → 128x64x64; encoder_lo → 128x32x32, 1x1 conv → z_lo;
    Q_lo = nearest entry of K_lo by L2; z_hi = 1x1 conv of [encoder_hi output, up(Q_lo)], ``up`` being the
-   transposed conv 4x4/2 (this channel order is the released code's; the spec leaves it open);
+   transposed conv 4x4/2 (this channel order is the released code's; the paper leaves it open);
    Q_hi = nearest entry of K_hi, 128x64x64;
-3. I_gen = D_gen([up(Q_lo), Q_hi]), 3x256x256 (SPEC §1 row 6);
+3. I_gen = D_gen([up(Q_lo), Q_hi]), 3x256x256 (docs/method.md#shapes);
 4. F̃_lo = restriction_lo(Q_lo), F̃_hi = restriction_hi(Q_hi), re-quantised with the same codebooks to
-   Q̃_lo, Q̃_hi; I_spc = D_spc([up(Q̃_lo), Q̃_hi]) with the same frozen ``up`` (SPEC §1 rows 7–8);
+   Q̃_lo, Q̃_hi; I_spc = D_spc([up(Q̃_lo), Q̃_hi]) with the same frozen ``up`` (docs/method.md#shapes);
 5. M_lo = anomaly_detection(concat(I_spc, I_gen)), 2x256x256 logits; P_lo = softmax(M_lo) over the two
-   channels (SPEC §1 row 9);
-6. M = upsampling(concat(I_spc, I_gen, P_lo)) (SPEC §1 row 10);
+   channels (docs/method.md#shapes);
+6. M = upsampling(concat(I_spc, I_gen, P_lo)) (docs/method.md#shapes);
 7. pred_score = max over the image of the 21x21 average of P_lo[:, 1] (stride 1, zero padding 10 counted
-   in the average; SPEC §5 first point; the window scales with the image side, see :func:`score_window_for`);
-   anomaly_map = softmax(M)[:, 1] (SPEC §5 second point).
+   in the average; docs/method.md#inference; the window scales with the image side, see :func:`score_window_for`);
+   anomaly_map = softmax(M)[:, 1] (docs/method.md#inference).
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ from anomalib.data import InferenceBatch
 from torch import nn
 
 from anomalib_dsr.model.anomaly_generator import LatentAnomalyGenerator, blocky
-from anomalib_dsr.model.graph_capture import capturing_graph
+from anomalib_dsr.model.layers import init_normal_
+from anomalib_dsr.model.layers.graph_capture import capturing_graph
 from anomalib_dsr.model.object_decoder import ObjectSpecificDecoder
 from anomalib_dsr.model.subspace_restriction import SubspaceRestriction
-from anomalib_dsr.model.unet import UNet, init_normal_
+from anomalib_dsr.model.unet import UNet
 from anomalib_dsr.model.vq_vae import Encoded, GeneralVQVAE
 
 
@@ -51,8 +52,9 @@ def check_image_size(height: int, width: int) -> None:
 
 
 def score_window_for(height: int, width: int) -> tuple[int, int]:
-    """The image-score averaging window for a ``height x width`` input: 21x21 at 256x256 (paper, SPEC §5),
-    scaled with each side to the nearest odd size, ``2·round(10·side/256) + 1`` (11 at 128, 41 at 512).
+    """The image-score averaging window for a ``height x width`` input: 21x21 at 256x256 (paper,
+    docs/method.md#inference), scaled with each side to the nearest odd size, ``2·round(10·side/256) + 1`` (11 at
+    128, 41 at 512).
 
     A deviation for other sizes: a fixed 21x21 window covers 0.7 % of a 256x256 image but 11 % of a 64x64 one,
     which smooths small defects away.
@@ -64,8 +66,8 @@ def window_max(anomaly: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
     """``(B,)``: the maximum of ``anomaly`` ``(B, 1, H, W)`` averaged over ``window`` (stride 1, odd sides, zero
     padding counted in the average).
 
-    Eagerly the average is separable, columns then rows (at 256x256 with 21x21, 2 ms against 12 ms for one 2-D
-    pool; the same average up to float32 rounding, 1e-6). Exported graphs keep one 2-D pool: NNCF's INT8
+    Eagerly the average is separable, columns then rows (several times faster than one 2-D pool; the same
+    average up to float32 rounding, 1e-6). Exported graphs keep one 2-D pool: NNCF's INT8
     quantisation of the map between two 1-D pools left the demo model's image scores at chance.
     """
     (height, width) = window
@@ -79,7 +81,7 @@ def window_max(anomaly: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
 
 
 class RestrictionTrainingOutput(NamedTuple):
-    """What the phase-2 loss needs (SPEC §4). Shapes for an input ``(B, 3, H, W)``."""
+    """What the phase-2 loss needs (docs/method.md#phase-2). Shapes for an input ``(B, 3, H, W)``."""
 
     restricted_lo: torch.Tensor  # F̃_lo (B, D, H/8, W/8)
     restricted_hi: torch.Tensor  # F̃_hi (B, D, H/4, W/4)
@@ -117,7 +119,7 @@ class DsrModel(nn.Module):
         channels_last: weights and input in the ``channels_last`` memory layout, in training too (the layout
             tensor cores and oneDNN's bf16 kernels work in); slower on this project's CPU (README "Speed").
             Inference on CPU times Winograd against direct algorithms for the U-Nets' and D_spc's 3x3 convolutions
-            either way (:class:`~anomalib_dsr.model.unet.WinogradConv2d`).
+            either way (:class:`~anomalib_dsr.model.layers.TimedConv3x3`).
     """
 
     def __init__(
@@ -140,7 +142,7 @@ class DsrModel(nn.Module):
         self.restriction_hi = SubspaceRestriction(embedding_dim)
         self.object_decoder = ObjectSpecificDecoder(2 * embedding_dim, decoder_bottleneck, channels, res_hidden)
         self.anomaly_detection = UNet(6, unet_width)
-        init_normal_(self.anomaly_detection)  # SPEC §2: N(0, 0.02)
+        init_normal_(self.anomaly_detection)  # docs/method.md#modules: N(0, 0.02)
         self.upsampling = UNet(8, unet_width)
         self.latent_anomalies = LatentAnomalyGenerator(latent_anomaly_strength)
         self.score_window = score_window
@@ -149,14 +151,14 @@ class DsrModel(nn.Module):
             self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> DsrModel:
-        """The general VQ-VAE stays in eval mode: its codebooks must not move (SPEC §4)."""
+        """The general VQ-VAE stays in eval mode: its codebooks must not move (docs/method.md#phase-2)."""
         super().train(mode)
         self.vq.eval()
         return self
 
     @staticmethod
     def to_vq_input(images: torch.Tensor) -> torch.Tensor:
-        """RGB ``(B, 3, H, W)`` → BGR, the channel order of the released VQ-VAE (SPEC §4)."""
+        """RGB ``(B, 3, H, W)`` → BGR, the channel order of the released VQ-VAE (docs/method.md#input)."""
         if images.ndim != 4 or images.shape[1] != 3:
             msg = f"DSR expects RGB images of shape (B, 3, H, W), got {tuple(images.shape)}."
             raise ValueError(msg)
@@ -170,14 +172,17 @@ class DsrModel(nn.Module):
         return self.to_vq_input(images).contiguous(memory_format=layout)
 
     def restrict(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Subspace restriction and re-quantisation: F̃_lo, F̃_hi and D_spc's input [up(Q̃_lo), Q̃_hi] ``(B, 2D, H/4, W/4)``.
+        """Subspace restriction and re-quantisation: F̃_lo, F̃_hi and D_spc's input [up(Q̃_lo), Q̃_hi]
+        ``(B, 2D, H/4, W/4)``.
 
         Always in float32, also under autocast (training and inference alike): it ends in a code choice.
         """
         with torch.autocast(q_lo.device.type, enabled=False):
             restricted_lo = self.restriction_lo(q_lo)
             restricted_hi = self.restriction_hi(q_hi)
-            joined = self.vq.join(self.vq.codebook_lo.quantize(restricted_lo), self.vq.codebook_hi.quantize(restricted_hi))
+            joined = self.vq.join(
+                self.vq.codebook_lo.quantize(restricted_lo), self.vq.codebook_hi.quantize(restricted_hi)
+            )
         return restricted_lo, restricted_hi, joined
 
     def restore(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -190,8 +195,8 @@ class DsrModel(nn.Module):
 
         Under bf16 autocast everything up to the last code choice (the VQ encoders and the restriction modules) still
         runs in float32, so the codes are fp32's; the decoders and U-Nets, most of the work, run in bf16 and in the
-        channels_last layout of oneDNN's bf16 kernels (NCHW costs a transposing copy around each convolution: a
-        paper-width batch-1 call took 0.75 s against 0.56 s on an Intel Xeon with AMX).
+        channels_last layout of oneDNN's bf16 kernels (NCHW costs a transposing copy around each convolution;
+        docs/speed.md).
         """
         device = images.device.type
         encoded = self.vq.encode(self.vq_input(images))
@@ -217,12 +222,12 @@ class DsrModel(nn.Module):
         return DsrStages(image_gen, image_spc, probs_lo, probs[:, 1], self.image_score(probs_lo))
 
     def image_score(self, probs_lo: torch.Tensor) -> torch.Tensor:
-        """``(B,)``: the maximum of P_lo's anomaly channel averaged over the score window (SPEC §5)."""
+        """``(B,)``: the maximum of P_lo's anomaly channel averaged over the score window (docs/method.md#inference)."""
         window = score_window_for(*probs_lo.shape[-2:]) if self.score_window is None else (self.score_window,) * 2
         return window_max(probs_lo[:, 1:], window)
 
     def forward_restriction_training(self, images: torch.Tensor, masks: torch.Tensor) -> RestrictionTrainingOutput:
-        """Phase 2 (SPEC §3–4): inject latent anomalies inside ``masks`` ``(B, 1, H, W)``, then restore.
+        """Phase 2 (docs/method.md#phase-2): inject latent anomalies inside ``masks`` ``(B, 1, H, W)``, then restore.
 
         Per image the levels are "both" (lo first; hi re-computed from the anomalous Q_lo, then hi
         anomalies on top), "lo only" (hi stays the clean quantisation) or "hi only" (anomalies on the
@@ -271,7 +276,11 @@ class DsrModel(nn.Module):
             up_lo = vq.upsample_lo(q_lo)
             z_new = vq.hi_features_from_up(up_lo, encoded.features_hi)
             select = both.view(-1, 1, 1, 1)
-            return up_lo, torch.where(select, z_new, encoded.z_hi), torch.where(select, vq.codebook_hi.quantize(z_new), encoded.q_hi)
+            return (
+                up_lo,
+                torch.where(select, z_new, encoded.z_hi),
+                torch.where(select, vq.codebook_hi.quantize(z_new), encoded.q_hi),
+            )
         up_lo, z_hi, q_hi = encoded.up_lo, encoded.z_hi, encoded.q_hi
         if (rows := changed.nonzero().squeeze(1)).numel():
             up_lo = up_lo.index_copy(0, rows, vq.upsample_lo(q_lo[rows]))
@@ -282,7 +291,7 @@ class DsrModel(nn.Module):
         return up_lo, z_hi, q_hi
 
     def forward_upsampling_training(self, images: torch.Tensor) -> torch.Tensor:
-        """Phase 3 (SPEC §4): logits M ``(B, 2, H, W)``; only the upsampling module gets gradients."""
+        """Phase 3 (docs/method.md#phase-3): logits M ``(B, 2, H, W)``; only the upsampling module gets gradients."""
         with torch.no_grad():
             image_spc, image_gen, probs_lo = self.detect(images)
         return self.upsampling(torch.cat((image_spc, image_gen, probs_lo), dim=1))

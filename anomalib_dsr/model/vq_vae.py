@@ -1,7 +1,7 @@
-"""General VQ-VAE of DSR (SPEC §2): two-level encoder, two EMA codebooks, general decoder.
+"""General VQ-VAE of DSR (docs/method.md#modules): two-level encoder, two EMA codebooks, general decoder.
 
-Trained once ("phase 1", see ``pretraining.py``) and frozen afterwards. Inputs here are already in
-the VQ-VAE's channel order (BGR, SPEC §4); the callers flip RGB images.
+Trained once ("phase 1", ``anomalib_dsr.workflows.pretrain_vq``) and frozen afterwards. Inputs here are already in
+the VQ-VAE's channel order (BGR, docs/method.md#input); the callers flip RGB images.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomalib_dsr.model.graph_capture import capturing_graph
+from anomalib_dsr.model.layers.graph_capture import capturing_graph
 
 
 class ResidualBlock(nn.Module):
     """``relu(x) + conv1x1(relu(conv3x3(relu(x))))`` (no biases). Shape preserving.
 
     The skip adds ReLU(x), not x: the released code's first ReLU is in place, so its skip connection sees the
-    rectified tensor (SPEC §2 says "added to the input"; the released weights were trained this way).
+    rectified tensor; the released weights were trained this way (docs/method.md#modules).
     """
 
     def __init__(self, channels: int, hidden: int) -> None:
@@ -82,7 +82,7 @@ class EncoderLo(nn.Module):
 class ImageDecoder(nn.Module):
     """Features ``(B, in_channels, h, w)`` → image ``(B, 3, 4h, 4w)``; no output activation.
 
-    D_gen is this decoder on 256 channels; D_spc ends with it on 64 channels (SPEC §2).
+    D_gen is this decoder on 256 channels; D_spc ends with it on 64 channels (docs/method.md#modules).
     """
 
     def __init__(self, in_channels: int, channels: int, res_hidden: int) -> None:
@@ -108,7 +108,7 @@ class Quantized(NamedTuple):
 
 
 class EMACodebook(nn.Module):
-    """Vector quantiser with a codebook learned by exponential moving average (SPEC §2).
+    """Vector quantiser with a codebook learned by exponential moving average (docs/method.md#modules).
 
     Args:
         num_embeddings: codebook size K (paper: 4096).
@@ -149,6 +149,7 @@ class EMACodebook(nn.Module):
         with torch.autocast(flat.device.type, enabled=False):
             flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
             codes = self.embedding.weight.to(flat.dtype)
+            # Exported, deploy/export.py rewrites this addmm's argmin (REWRITES["nearest code"]): keep them in step.
             return (flat.square().sum(1, keepdim=True) + codes.square().sum(1)).addmm_(flat, codes.t(), alpha=-2.0)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
@@ -158,11 +159,10 @@ class EMACodebook(nn.Module):
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index ``(B, h, w)`` of the nearest code (L2) to each feature of ``z`` ``(B, D, h, w)``.
 
-        Eagerly the distances are computed for 2^22 pairs at a time (16 MiB in fp32): the same indices as from the
-        whole matrix, which at batch 8 and 256x256 would take 512 MiB per quantisation. Their minimum's index comes
-        from ``min(1)``, which returns argmin's first index of the minimum about 2.5x faster on CPU (1024x4096 on 2
-        threads, Intel Xeon: 1.2 ms against 3.1 ms). Captured graphs (export) keep the whole matrix and argmin,
-        whatever the batch.
+        Eagerly the distances are computed for 2^22 pairs at a time (16 MiB in fp32): the same indices as from the whole
+        matrix, which at batch 8 and 256x256 would take 512 MiB per quantisation. Their minimum's index comes from
+        ``min(1)``, which returns argmin's first index of the minimum faster on CPU (docs/speed.md). Captured graphs
+        (export) keep the whole matrix and argmin, whatever the batch.
         """
         b, d, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
@@ -174,7 +174,7 @@ class EMACodebook(nn.Module):
     def quantize(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest codes ``(B, D, h, w)`` with the straight-through gradient; no EMA update, no statistics."""
         quantized = self.lookup(self.nearest(z)).to(z.dtype)
-        return z + (quantized - z).detach()
+        return z + (quantized - z).detach()  # exported: REWRITES["straight-through"] of deploy/export.py
 
     def forward(self, z: torch.Tensor) -> Quantized:
         """Quantise ``z`` ``(B, D, h, w)`` with loss and usage statistics; EMA-update the codebook when training."""
@@ -202,7 +202,9 @@ class EMACodebook(nn.Module):
         picks = flat[torch.randint(flat.shape[0], (self.num_embeddings,), device=flat.device)]
         self.embedding.weight.copy_(torch.where(dead.unsqueeze(1), picks, self.embedding.weight))
         self.ema_w.copy_(torch.where(dead.unsqueeze(1), picks * threshold, self.ema_w))
-        self.ema_cluster_size.copy_(torch.where(dead, torch.full_like(self.ema_cluster_size, threshold), self.ema_cluster_size))
+        self.ema_cluster_size.copy_(
+            torch.where(dead, torch.full_like(self.ema_cluster_size, threshold), self.ema_cluster_size)
+        )
 
     @torch.no_grad()
     def _ema_update(self, z: torch.Tensor, indices: torch.Tensor) -> None:
@@ -229,7 +231,7 @@ class Encoded(NamedTuple):
 
 
 class GeneralVQVAE(nn.Module):
-    """The general-appearance VQ-VAE (SPEC §1–2). Paper widths are the defaults.
+    """The general-appearance VQ-VAE (docs/method.md#modules). Paper widths are the defaults.
 
     Args:
         channels: encoder/decoder width (paper: 128).
@@ -255,17 +257,21 @@ class GeneralVQVAE(nn.Module):
         self.encoder_hi = EncoderHi(channels, res_hidden)
         self.encoder_lo = EncoderLo(channels, res_hidden)
         self.pre_quant_lo = nn.Conv2d(channels, embedding_dim, 1)
-        self.codebook_lo = EMACodebook(num_embeddings, embedding_dim, commitment_cost, decay, dead_code_threshold=dead_code_threshold)
+        self.codebook_lo = EMACodebook(
+            num_embeddings, embedding_dim, commitment_cost, decay, dead_code_threshold=dead_code_threshold
+        )
         self.upsample_lo = nn.ConvTranspose2d(embedding_dim, embedding_dim, 4, stride=2, padding=1)
         self.pre_quant_hi = nn.Conv2d(embedding_dim + channels, embedding_dim, 1)
-        self.codebook_hi = EMACodebook(num_embeddings, embedding_dim, commitment_cost, decay, dead_code_threshold=dead_code_threshold)
+        self.codebook_hi = EMACodebook(
+            num_embeddings, embedding_dim, commitment_cost, decay, dead_code_threshold=dead_code_threshold
+        )
         self.decoder = ImageDecoder(2 * embedding_dim, channels, res_hidden)
 
     def hi_features(self, q_lo: torch.Tensor, features_hi: torch.Tensor) -> torch.Tensor:
         """z_hi ``(B, D, H/4, W/4)`` = 1x1 conv of [encoder_hi output, up(Q_lo)].
 
         The order matters for the released weights: their ``_pre_vq_conv_bot`` takes encoder_hi's output in
-        its first input channels (SPEC §1 does not say; the released code does).
+        its first input channels (the paper does not say, the released code does; docs/method.md#shapes).
         """
         return self.hi_features_from_up(self.upsample_lo(q_lo), features_hi)
 

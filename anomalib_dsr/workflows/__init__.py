@@ -1,3 +1,3 @@
-"""Jobs built on the model: the offline demo (``demo.py``, ``demo_data.py``), the benchmark against anomalib's
-models (``benchmark.py``, ``learning_curve.py``), dataset preparation (``elpv.py``) and the paper's evaluation
-protocol and tables (``paper_protocol.py``, ``paper_table.py``)."""
+"""Jobs built on the model, each a command of ``anomalib-dsr``: the offline demo (``demo.py``), phase 1's general
+VQ-VAE (``pretrain_vq.py``), the stage-by-stage inspection (``inspect.py``) and the benchmark against anomalib's
+models (``benchmark/``)."""

@@ -17,9 +17,9 @@ from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from lightning.pytorch import seed_everything
 
-from anomalib_dsr.workflows.demo_data import make_demo_dataset
-from anomalib_dsr.model.general_images import GENERAL_VQ_FILE, GENERAL_VQ_WIDTHS
-from anomalib_dsr.workflows.learning_curve import LearningCurve, save_curve_chart
+from anomalib_dsr.data.demo_data import make_demo_dataset
+from anomalib_dsr.data.general_images import GENERAL_VQ_FILE, GENERAL_VQ_WIDTHS
+from anomalib_dsr.evaluation.learning_curve import LearningCurve, save_curve_chart
 from anomalib_dsr.model.lightning_model import Dsr
 
 logger = logging.getLogger(__name__)

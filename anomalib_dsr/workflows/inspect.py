@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,9 +29,10 @@ from anomalib.pre_processing import PreProcessor
 from torchmetrics.functional.classification import binary_auroc
 from torchvision import tv_tensors
 
-from anomalib_dsr.checkpoints.original_format import WeightsError
+from anomalib_dsr.checkpoints import load_dsr_checkpoint
+from anomalib_dsr.data.image_folders import IMAGE_EXTENSIONS
 from anomalib_dsr.model.lightning_model import Dsr
-from anomalib_dsr.model.pretraining import IMAGE_EXTENSIONS
+from anomalib_dsr.model.original_format import WeightsError
 from anomalib_dsr.model.torch_model import DsrStages
 
 RECONSTRUCTIONS = ("I_gen", "I_spc")
@@ -45,9 +44,6 @@ TITLE_INCHES = 0.5
 DPI = 100
 PANELS_FOLDER = "panels"
 REPORT_FILE = "inspect.json"
-# What loading something other than a Dsr checkpoint raises: not a zip/pickle, refused by weights_only, another
-# model's hyper-parameters or state, or Dsr.on_load_checkpoint's WeightsError.
-LOAD_ERRORS = (WeightsError, pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, zipfile.BadZipFile)
 
 
 class InspectError(ValueError):
@@ -121,24 +117,12 @@ def find_samples(images: str | Path, masks: str | Path | None = None, limit: int
 
 
 def load_dsr(ckpt: str | Path) -> Dsr:
-    """The ``Dsr`` of a Lightning checkpoint (``anomalib train``, ``anomalib-dsr demo``), read with
-    ``weights_only=True``, in eval mode."""
-    ckpt = Path(ckpt)
-    if not ckpt.is_file():
-        msg = (
-            f"Checkpoint {ckpt} does not exist: give a .ckpt of anomalib_dsr.Dsr "
-            "(from `anomalib train` or `anomalib-dsr demo`)."
-        )
-        raise InspectError(msg)
+    """The ``Dsr`` of a Lightning checkpoint (``anomalib train``, ``anomalib-dsr demo``), in eval mode
+    (:func:`~anomalib_dsr.checkpoints.load_dsr_checkpoint`)."""
     try:
-        model = Dsr.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    except LOAD_ERRORS as error:
-        msg = (
-            f"{ckpt} is not a loadable Lightning checkpoint of anomalib_dsr.Dsr ({str(error).splitlines()[0]}); "
-            "give one written by `anomalib train --model anomalib_dsr.Dsr` or `anomalib-dsr demo`."
-        )
-        raise InspectError(msg) from None
-    return model.eval()
+        return load_dsr_checkpoint(ckpt)
+    except WeightsError as error:
+        raise InspectError(str(error)) from None
 
 
 def read_batch(samples: list[Sample], transform: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,16 +249,18 @@ def inspect(
         means = {label: total / pixels.clamp_min(1) for label, total in image_sums.items()}
         for i, sample in enumerate(chunk):
             score = float(stages.pred_score[i])
-            per_image.append({
-                "image": str(sample.image),
-                "mask": None if sample.mask is None else str(sample.mask),
-                "defect_pixels": int(pixels[i, 0]),
-                "pred_score": score,
-                **{
-                    side: {label: float(v[i, k]) if pixels[i, k] else None for label, v in means.items()}
-                    for k, side in enumerate(("mean_inside", "mean_outside"))
-                },
-            })
+            per_image.append(
+                {
+                    "image": str(sample.image),
+                    "mask": None if sample.mask is None else str(sample.mask),
+                    "defect_pixels": int(pixels[i, 0]),
+                    "pred_score": score,
+                    **{
+                        side: {label: float(v[i, k]) if pixels[i, k] else None for label, v in means.items()}
+                        for k, side in enumerate(("mean_inside", "mean_outside"))
+                    },
+                }
+            )
             reconstructions = (stages.image_gen[i].flip(0), stages.image_spc[i].flip(0))
             title = f"{sample.name}   score {score:.3f}"
             image_maps = {label: maps[label][i] for label in MAPS}

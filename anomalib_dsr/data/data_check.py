@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -90,28 +90,31 @@ def train_folder(datamodule: Any) -> str:
     root = getattr(datamodule, "root", None)
     normal_dir = getattr(datamodule, "normal_dir", None)
     if normal_dir is not None:
-        return str(Path(root) / normal_dir if root is not None and not Path(str(normal_dir)).is_absolute() else normal_dir)
+        return str(
+            Path(root) / normal_dir if root is not None and not Path(str(normal_dir)).is_absolute() else normal_dir
+        )
     category = getattr(datamodule, "category", None)
     if root is not None and category:
         return str(Path(root) / category / "train")
     return str(root) if root is not None else type(datamodule).__name__
 
 
-def check_datamodule(datamodule: Any, transform: Any = None) -> int:
+def check_datamodule(
+    datamodule: Any, transform: Any = None, check_size: Callable[[int, int], None] | None = None
+) -> int:
     """Scan the train/val/test files of a set-up anomalib datamodule; return how many files were checked.
 
     Raises :class:`DataError` for an empty training set, unreadable images or masks, and masks whose
-    size differs from their image's; ``ValueError`` (from ``check_image_size``) when a subset's
-    augmentations followed by ``transform`` (the pre-processor's; ``None``: none) turn some image size
-    into one DSR cannot process.
+    size differs from their image's; ``ValueError`` (from ``check_size``, the model's check of a ``height,
+    width``) when a subset's augmentations followed by ``transform`` (the pre-processor's; ``None``: none) turn
+    some image size into one the model cannot process.
     """
-    from anomalib_dsr.model.torch_model import check_image_size
-
     start = time.perf_counter()
     train = getattr(datamodule, "train_data", None)
     if train is not None and len(train) == 0:
         msg = (
-            f"The training set is empty: no images found for {type(datamodule).__name__} in {train_folder(datamodule)}. "
+            f"The training set is empty: no images found for {type(datamodule).__name__} in "
+            f"{train_folder(datamodule)}. "
             "Put normal images there (anomalib's extensions for this datamodule) or fix root/category/normal_dir."
         )
         raise DataError(msg)
@@ -142,7 +145,7 @@ def check_datamodule(datamodule: Any, transform: Any = None) -> int:
                 )
     _raise_problems(problems, len(seen))
 
-    for ((width, height), subset), example in sizes.items():
+    for ((width, height), subset), example in sizes.items() if check_size is not None else ():
         out = torch.zeros(3, height, width)
         augmentations = getattr(getattr(datamodule, subset, None), "augmentations", None)
         for step in (augmentations, transform):
@@ -150,12 +153,14 @@ def check_datamodule(datamodule: Any, transform: Any = None) -> int:
                 out = step(out)
         out = out.shape[-2:]
         try:
-            check_image_size(*out)
+            check_size(*out)
         except ValueError as error:
             msg = f"{example} ({width}x{height}, WxH) becomes {tuple(out)} before the model. {error}"
             raise ValueError(msg) from None
     distinct = sorted({size for size, _ in sizes})
     if len(distinct) > 1:
-        logger.info("Dataset images come in %d sizes (e.g. %s); each batch is resized to one size.", len(distinct), distinct[:3])
+        logger.info(
+            "Dataset images come in %d sizes (e.g. %s); each batch is resized to one size.", len(distinct), distinct[:3]
+        )
     logger.info("Checked %d dataset files in %.1f s: all readable.", len(seen), time.perf_counter() - start)
     return len(seen)

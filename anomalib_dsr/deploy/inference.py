@@ -9,7 +9,7 @@ an OpenVINO shape error, an RGBA array reaches the graph as (1, H, W, 4) and fai
 ``ValueError`` that says what was wrong; ``DsrInferencer`` applies it before predicting.
 
 Example:
-    >>> from anomalib_dsr.inference import DsrInferencer
+    >>> from anomalib_dsr.deploy.inference import DsrInferencer
     >>> inferencer = DsrInferencer("results/weights/openvino/model.xml", precision="f32")
     >>> prediction = inferencer.predict("part.png")
     >>> prediction.pred_score, prediction.anomaly_map.shape
@@ -28,7 +28,7 @@ from anomalib.data import NumpyImageBatch
 from anomalib.deploy import OpenVINOInferencer
 from PIL import Image
 
-from anomalib_dsr.export import keeps_code_path_in_f32
+from anomalib_dsr.deploy.export import keeps_code_path_in_f32
 
 ImageLike = str | Path | np.ndarray | Image.Image | torch.Tensor
 

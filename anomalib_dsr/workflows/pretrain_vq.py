@@ -1,4 +1,4 @@
-"""Phase 1: pretraining the general VQ-VAE on folders of images (SPEC §4).
+"""Phase 1: pretraining the general VQ-VAE on folders of images (docs/method.md#phase-1).
 
 The authors released weights but no training code; this follows their later recipe: Adam, lr 2e-4,
 LR x0.1 at 80 % and 90 % of the steps, L2 reconstruction loss plus the commitment losses, EMA
@@ -16,48 +16,16 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from anomalib.data.utils import read_image
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as TF
+from torch.utils.data import DataLoader
 
-from anomalib_dsr.model.data_check import check_image_files
-from anomalib_dsr.model.general_images import GeneralImages
-from anomalib_dsr.checkpoints.original_format import VQ_FORMAT, original_state
+from anomalib_dsr.data.general_images import GeneralImages
+from anomalib_dsr.data.image_folders import ImageFolders
+from anomalib_dsr.model.callbacks import FiniteLossGuard, RngStateCheckpoint
+from anomalib_dsr.model.original_format import VQ_FORMAT, original_state
 from anomalib_dsr.model.vq_vae import GeneralVQVAE
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-
-
-class ImageFolders(Dataset):
-    """Every image under the given folders (recursively), resized to ``image_size``, RGB in [0, 1]."""
-
-    def __init__(self, folders: Sequence[str | Path], image_size: int) -> None:
-        self.image_size = image_size
-        self.paths: list[Path] = []
-        for folder in map(Path, folders):
-            if not folder.is_dir():
-                msg = f"Image folder not found: {folder}"
-                raise FileNotFoundError(msg)
-            self.paths += sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not self.paths:
-            msg = f"No images ({', '.join(IMAGE_EXTENSIONS)}) found under {', '.join(map(str, folders))}."
-            raise ValueError(msg)
-        check_image_files(self.paths)  # every broken file named now, not one of them hours into training
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        try:
-            image = read_image(path, as_tensor=True)
-        except Exception as error:  # PIL raises many types for broken files
-            msg = f"Cannot read image {path}: {error}"
-            raise ValueError(msg) from error
-        return TF.resize(image, [self.image_size, self.image_size], antialias=True)
 
 
 class VQVAEPretraining(pl.LightningModule):
@@ -88,7 +56,7 @@ class VQVAEPretraining(pl.LightningModule):
 
     def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
         del batch_idx
-        images = images.flip(1)  # RGB → BGR, the released weights' channel order (SPEC §4)
+        images = images.flip(1)  # RGB → BGR, the released weights' channel order (docs/method.md#input)
         reconstruction, lo, hi = self.model(images)
         reconstruction_loss = F.mse_loss(reconstruction, images)
         loss = reconstruction_loss + lo.commitment_loss + hi.commitment_loss
@@ -112,18 +80,10 @@ class VQVAEPretraining(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Data order and dead-code restarts draw from torch's global RNG: keep it, so that resuming from
-        # an end-of-epoch last.ckpt continues exactly like an uninterrupted run (tensors only: weights_only).
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        checkpoint["vq_rng_states"] = {"torch": torch.get_rng_state(), "torch.cuda": cuda}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        rng = checkpoint.get("vq_rng_states")
-        if rng is not None:
-            torch.set_rng_state(rng["torch"])
-            if torch.cuda.is_available() and len(rng["torch.cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["torch.cuda"])
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """The non-finite loss guard, and the random state in checkpoints (data order and dead-code restarts draw
+        from it), as :class:`~anomalib_dsr.Dsr` has them."""
+        return [FiniteLossGuard(), RngStateCheckpoint("vq_rng_states")]
 
     def save_weights(self, path: str | Path) -> Path:
         """Write the VQ-VAE in the original layout (a plain state_dict) to ``path``."""
@@ -166,7 +126,7 @@ def pretrain_vq(
     """Pretrain the general VQ-VAE and write ``output`` in the original tensor layout.
 
     The images are every image under the folders ``images``, or with ``general`` (and ``images=None``) the
-    augmented photographs installed packages ship (:mod:`anomalib_dsr.model.general_images`, no download).
+    augmented photographs installed packages ship (:mod:`anomalib_dsr.data.general_images`, no download).
     Defaults follow the authors' later recipe (256x256, batch 64, 100k steps). Checkpoints go to
     ``checkpoint_dir`` (default: beside ``output``); with ``resume`` a run continues from ``last.ckpt``.
     The share of each codebook in use at the end is logged.
@@ -176,11 +136,17 @@ def pretrain_vq(
         raise ValueError(msg)
     pl.seed_everything(seed, workers=True)
     output = Path(output)
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output.with_suffix("").with_name(output.stem + "_checkpoints")
+    checkpoint_dir = (
+        Path(checkpoint_dir) if checkpoint_dir else output.with_suffix("").with_name(output.stem + "_checkpoints")
+    )
     dataset = GeneralImages(image_size, length=max_steps * batch_size) if general else ImageFolders(images, image_size)
-    loader = DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, num_workers=num_workers)
+    loader = DataLoader(
+        dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=True, num_workers=num_workers
+    )
     module = VQVAEPretraining(**model_kwargs)
-    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_train_steps=max(1, min(1000, max_steps // 10)))
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir, save_last=True, every_n_train_steps=max(1, min(1000, max_steps // 10))
+    )
     trainer_kwargs = dict(trainer_kwargs or {})
     trainer = pl.Trainer(
         max_steps=max_steps,
@@ -193,6 +159,13 @@ def pretrain_vq(
     trainer.fit(module, loader, ckpt_path=last if resume and last.is_file() else None)
     usage = codebook_usage(module.model.eval(), loader)
     k = module.model.codebook_lo.num_embeddings
-    logger.info("Codebook usage on %d training images: lo %d/%d codes, hi %d/%d codes", min(len(dataset), 512), usage["lo"], k, usage["hi"], k)
+    logger.info(
+        "Codebook usage on %d training images: lo %d/%d codes, hi %d/%d codes",
+        min(len(dataset), 512),
+        usage["lo"],
+        k,
+        usage["hi"],
+        k,
+    )
     logger.info("VQ-VAE weights written to %s", module.save_weights(output))
     return output

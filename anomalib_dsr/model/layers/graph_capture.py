@@ -7,4 +7,9 @@ import torch
 
 def capturing_graph() -> bool:
     """Whether the model is being traced or exported (ONNX, torch.export, torch.compile, TorchScript)."""
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting()
+    return (
+        torch.onnx.is_in_onnx_export()
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch.jit.is_scripting()
+    )

@@ -36,7 +36,9 @@ def _crop(rng: np.random.Generator, photo: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(patch[..., None], 3, axis=2).astype(np.float32) / 255.0
 
 
-def _defect(rng: np.random.Generator, image: np.ndarray, kind: str, source: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _defect(
+    rng: np.random.Generator, image: np.ndarray, kind: str, source: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     size = image.shape[0]
     mask = np.zeros((size, size), dtype=bool)
     colour = rng.uniform(0.1, 1.0, size=3).astype(np.float32)
@@ -56,7 +58,9 @@ def _defect(rng: np.random.Generator, image: np.ndarray, kind: str, source: np.n
         angle, length, width = rng.uniform(0, np.pi), rng.uniform(0.3, 0.6) * size, rng.uniform(0.02, 0.04) * size
         dy, dx = np.sin(angle) * length, np.cos(angle) * length
         ny, nx = np.cos(angle) * width, -np.sin(angle) * width
-        rr, cc = draw.polygon([y0, y0 + dy, y0 + dy + ny, y0 + ny], [x0, x0 + dx, x0 + dx + nx, x0 + nx], shape=mask.shape)
+        rr, cc = draw.polygon(
+            [y0, y0 + dy, y0 + dy + ny, y0 + ny], [x0, x0 + dx, x0 + dx + nx, x0 + nx], shape=mask.shape
+        )
         mask[rr, cc] = True
         fill = np.broadcast_to(colour, image.shape)
     out = image.copy()

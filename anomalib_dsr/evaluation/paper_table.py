@@ -1,4 +1,4 @@
-"""Per-category test results → one markdown table in the layout of SPEC §6, with the paper's values beside ours.
+"""Per-category test results → one markdown table, the paper's values beside ours (docs/method.md#reported-results).
 
 Each result file holds the metrics of one ``anomalib test`` run: JSON (a dict of metric → value, or the
 list ``Engine.test`` returns) or CSV (e.g. Lightning's ``CSVLogger`` ``metrics.csv``; the last non-empty
@@ -13,7 +13,7 @@ import csv
 import json
 from pathlib import Path
 
-# SPEC §6 (the paper's Table 3): MVTec AD image AUROC (%), in the paper's column order.
+# The paper's Table 3 (docs/method.md#reported-results): MVTec AD image AUROC (%), in the paper's column order.
 PAPER_IMAGE_AUROC = {
     "bottle": 100.0,
     "capsule": 98.1,

@@ -1,9 +1,9 @@
 """A 3x3 convolution with few filters as one matrix product and nine shifted sums: the U-Nets' last layer (64 → 2
 channels) at inference.
 
-With 2 filters oneDNN's direct convolution runs far below the CPU's matrix-product speed (64 → 2 on 256x256: 5.9 ms on
-a 2-core Intel Xeon, 2026-12-07); all nine taps' channel sums, ``(9K, C) @ (C, H*W)``, are one matrix product, and
-adding the nine ``(K, H, W)`` results at their offsets reads only 9K/C of the input's size again (1.4 ms there).
+With 2 filters oneDNN's direct convolution runs far below the CPU's matrix-product speed; all nine taps' channel
+sums, ``(9K, C) @ (C, H*W)``, are one matrix product, and adding the nine ``(K, H, W)`` results at their offsets
+reads only 9K/C of the input's size again (timings: docs/speed.md).
 """
 
 from __future__ import annotations

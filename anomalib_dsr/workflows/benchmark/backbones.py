@@ -259,10 +259,12 @@ def imagenet_transform(architecture: str = "tf_efficientnet_lite0") -> v2.Compos
     """
     backbone = offline_backbone(architecture)
     resized = int(backbone.input_size / backbone.crop_pct)
-    return v2.Compose([
-        v2.ToImage(),
-        v2.Resize(resized, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-        v2.CenterCrop(backbone.input_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=MEAN, std=STD),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize(resized, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+            v2.CenterCrop(backbone.input_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=MEAN, std=STD),
+        ]
+    )

@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol (SPEC §5) as anomalib metrics.
+"""The paper's evaluation protocol (docs/method.md#inference) as anomalib metrics.
 
 The authors test at 256x256 input (``Dsr``'s default pre-processing) and compute the pixel metrics on the
 224x224 centre crop of anomaly map and mask; image metrics use the whole image. :class:`PaperEvaluator`
@@ -19,7 +19,7 @@ from anomalib.metrics import AUPR, AUROC, AnomalibMetric, Evaluator
 from anomalib.metrics.aupr import _AUPR
 from anomalib.metrics.auroc import _AUROC
 
-PAPER_CROP = 224 / 256  # SPEC §5: 224x224 centre crop of a 256x256 map
+PAPER_CROP = 224 / 256  # docs/method.md#inference: 224x224 centre crop of a 256x256 map
 
 
 def centre_crop(tensor: torch.Tensor, crop: float) -> torch.Tensor:

@@ -145,7 +145,9 @@ def save_curve_chart(curves: dict[str, list[dict[str, float]]], path: str | Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    metrics = [m for m in ("image_AUROC", "pixel_AP") if any(not math.isnan(r[m]) for rows in curves.values() for r in rows)]
+    metrics = [
+        m for m in ("image_AUROC", "pixel_AP") if any(not math.isnan(r[m]) for rows in curves.values() for r in rows)
+    ]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         for name, rows in curves.items():

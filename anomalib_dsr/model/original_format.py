@@ -1,4 +1,4 @@
-"""The authors' released checkpoint layout (SPEC §7) and safe loading of weight files.
+"""The released checkpoint layout (docs/method.md#the-released-code-and-weights) and safe loading of weight files.
 
 Each released file is a plain ``state_dict``. Our modules use the same structure with clearer names;
 :data:`ALL_FORMATS` (``VQ_FORMAT`` and the five ``MODULE_FORMATS``) gives, per file, the top-level
@@ -153,7 +153,9 @@ def _unpickling_detail(error: pickle.UnpicklingError) -> str:
     return match.group(1).split(". Please")[0] if match else str(error).splitlines()[0]
 
 
-def load_original_state(module: nn.Module, state: dict[str, torch.Tensor], file_format: FileFormat, source: Path) -> None:
+def load_original_state(
+    module: nn.Module, state: dict[str, torch.Tensor], file_format: FileFormat, source: Path
+) -> None:
     """Copy an original-layout ``state`` into ``module``; any missing, unexpected or misshaped key is an error.
 
     A key counts as expected only if it is exactly the original spelling of one of ``module``'s keys, so

@@ -63,7 +63,8 @@ def general_photos() -> tuple[np.ndarray, ...]:
 
 def augmentation(image_size: int) -> v2.Compose:
     """Random-scale crop to ``image_size``, flips, colour and hue jitter, channel permutation, grey conversion
-    (rotations by multiples of 90° are drawn in :class:`GeneralImages`); uint8 ``(3, H, W)`` → float ``(3, image_size, image_size)`` in [0, 1]."""
+    (rotations by multiples of 90° are drawn in :class:`GeneralImages`); uint8 ``(3, H, W)`` → float ``(3, image_size,
+    image_size)`` in [0, 1]."""
     return v2.Compose(
         [
             v2.RandomResizedCrop(image_size, scale=(0.01, 1.0), ratio=(0.75, 1.333), antialias=True),

@@ -67,7 +67,7 @@ def winograd_conv3x3(
     buffer exceeds ``block_bytes``: groups of filters' transformed weights, and blocks of whole rows of tiles of each
     image. Much larger buffers get fresh pages from the system on every call (glibc's mmap threshold is at most 32 MiB)
     and fall out of the CPU's cache; much smaller ones make small, slow matrix products. 16 MiB did best among 2 to
-    32 MiB in the model's own timings on a 2-core Intel Xeon (2026-12-07).
+    32 MiB in the model's own timings (docs/speed.md).
     """
     batch, channels, height, width = x.shape
     filters = weight.shape[0]

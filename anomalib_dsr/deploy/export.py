@@ -16,6 +16,7 @@ FP32's codes at bf16, the CPU plugin's default on CPUs with AMX or AVX512-BF16, 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import TYPE_CHECKING
@@ -129,19 +130,37 @@ def _older_interpolate(node: ov.Node) -> ov.Node:
     return NodeFactory("opset4").create("Interpolate", [image, sizes, scales, *axes], attributes)
 
 
-def _rewrite_code_path(model: ov.Model) -> None:
-    """Rewrite the code path of ``model`` in place, in operations whose f32 mark the CPU plugin keeps."""
+# The rewrites of the code path, by the op pattern of the exported graph each one matches. Each pattern is emitted
+# by one place of the model, which names its rewrite here; a test fails if an export no longer matches one of them.
+REWRITES = {
+    "nearest code": "TopK over torch.addmm(|z|² + |e|², z, Eᵀ) (model/vq_vae.py, EMACodebook.squared_distances)",
+    "centred normalisation": "x - ReduceMean(x) (model/layers/norm.py, InstanceNorm2d under graph capture)",
+    "straight-through": "z + (q - z) (model/vq_vae.py, EMACodebook.quantize)",
+    "Interpolate-11": "torch's bilinear upsampling (the restriction modules' nn.Upsample)",
+    "MaxPool-8": "torch's max-pooling (the restriction modules' MaxPool2x2 under graph capture)",
+}
+
+
+def rewrite_code_path(model: ov.Model) -> Counter[str]:
+    """Rewrite the code path of ``model`` in place, in operations whose f32 mark the CPU plugin keeps; returns how
+    often each of :data:`REWRITES` matched."""
+    matched: Counter[str] = Counter()
     for node in code_path(model):
         if node.get_type_name() == "TopK":
             if _source(_source(node, 0), 0).get_type_name() != "Convolution":  # not rewritten yet
                 node.output(1).replace(_nearest_codes(node))
+                matched["nearest code"] += 1
         elif (replacement := _replacement(node)) is not None:
-            node.output(0).replace(replacement)
+            name, output = replacement
+            node.output(0).replace(output)
+            matched[name] += 1
     model.validate_nodes_and_infer_types()
+    return matched
 
 
-def _replacement(node: ov.Node) -> ov.Output | None:
-    """``node``'s output computed by operations the CPU plugin keeps as they are, or None where it keeps ``node``:
+def _replacement(node: ov.Node) -> tuple[str, ov.Output] | None:
+    """The rewrite that matches ``node`` and ``node``'s output computed by operations the CPU plugin keeps as they
+    are, or None where it keeps ``node``:
 
     - Interpolate-11 → Interpolate-4 and MaxPool-8 (indices unused) → MaxPool-1, the same computations;
     - ``x - ReduceMean(x)`` (the centred InstanceNorm) → MVN without variance normalisation;
@@ -150,20 +169,21 @@ def _replacement(node: ov.Node) -> ov.Output | None:
     kind, version = node.get_type_name(), node.get_type_info().version_id
     inputs = [port.get_source_output() for port in node.inputs()]
     if kind == "Interpolate" and version == "opset11":
-        return _older_interpolate(node).output(0)
+        return "Interpolate-11", _older_interpolate(node).output(0)
     if kind == "MaxPool" and version == "opset8" and not node.output(1).get_target_inputs():
         a = node.get_attributes()
         if all(dilation == 1 for dilation in a["dilations"]):
             pool = ops1.max_pool(
                 inputs[0], a["strides"], a["pads_begin"], a["pads_end"], a["kernel"], a["rounding_type"], a["auto_pad"]
             )
-            return pool.output(0)
+            return "MaxPool-8", pool.output(0)
     if kind == "Subtract" and (mean := inputs[1].get_node()).get_type_name() == "ReduceMean":
         if mean.input(0).get_source_output() == inputs[0]:
-            return ops.mvn(inputs[0], mean.input(1).get_source_output(), False, 0.0, "inside_sqrt").output(0)
+            mvn = ops.mvn(inputs[0], mean.input(1).get_source_output(), False, 0.0, "inside_sqrt")
+            return "centred normalisation", mvn.output(0)
     if kind == "Add" and (difference := inputs[1].get_node()).get_type_name() == "Subtract":
         if difference.input(1).get_source_output() == inputs[0]:
-            return difference.input(0).get_source_output()
+            return "straight-through", difference.input(0).get_source_output()
     return None
 
 
@@ -211,7 +231,8 @@ def keep_code_path_in_f32(xml: Path, *, compress_to_fp16: bool = False) -> None:
     core = ov.Core()
     # Read into memory, not mapped: the same files are overwritten at the end.
     model = core.read_model(xml.read_bytes(), ov.Tensor(np.fromfile(xml.with_suffix(".bin"), np.uint8)))
-    _rewrite_code_path(model)
+    matched = rewrite_code_path(model)
+    logger.debug("Code path rewritten for f32: %s", dict(matched))
     names = {node.get_friendly_name() for node in code_path(model)}
     with TemporaryDirectory() as folder:  # the mark reaches OpenVINO only through the IR's XML
         plain = Path(folder) / "model.xml"
