@@ -106,12 +106,21 @@ def _inspect(args: argparse.Namespace) -> None:
 def _prepare_kolektor(args: argparse.Namespace) -> None:
     try:
         layout = prepare_kolektor(
-            args.src, args.out, test_good_share=args.test_good_share, seed=args.seed, force=args.force
+            args.src,
+            args.out,
+            test_good_share=args.test_good_share,
+            seed=args.seed,
+            force=args.force,
+            val_share=args.val_share,
         )
     except KolektorError as error:
         raise SystemExit(f"anomalib-dsr prepare-kolektor: error: {error}") from None
     print(layout.summary())
     print(f'Use it as anomalib.data.MVTecAD(root="{args.out}", category="kolektor").')
+    if layout.val_parts:
+        print(
+            f'Choose settings on anomalib.data.MVTecAD(root="{args.out}", category="kolektor_val"), never on the test.'
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kolektor.add_argument("--seed", type=int, default=0, help="Seed of the train/test split of the defect-free images.")
     kolektor.add_argument(
-        "--force", action="store_true", help="Replace OUT/kolektor if it holds anything else than this layout."
+        "--val-share",
+        type=float,
+        default=0.0,
+        help="Share of the commutators (whole kosNN folders) held out as the validation split OUT/kolektor_val: "
+        "none of their images in OUT/kolektor/test (default 0: no validation split).",
+    )
+    kolektor.add_argument(
+        "--force", action="store_true", help="Replace OUT/kolektor(_val) if it holds anything else than this layout."
     )
     kolektor.set_defaults(func=_prepare_kolektor)
     return parser

@@ -130,3 +130,34 @@ def test_label_of_another_size_is_named(kolektor_src: Path, tmp_path: Path) -> N
     Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(label)
     with pytest.raises(KolektorError, match=f"Label {re.escape(str(label))} is 10x10 but image .*Part2.jpg is 32x61"):
         prepare_kolektor(kolektor_src, tmp_path / "out")
+
+
+def test_validation_split_holds_out_whole_commutators(kolektor_src: Path, tmp_path: Path, capsys) -> None:
+    """``--val-share``: whole commutators go to ``kolektor_val/test``, none of their images to ``kolektor/test``; the
+    held-out defect-free images are those of the layout without validation, and both splits train on the same
+    images. Seed 2 holds out kos01 (a defect); seed 0 would hold out kos03, which has none: refused."""
+    out = tmp_path / "out"
+    main(["prepare-kolektor", str(kolektor_src), str(out), "--val-share", "0.34", "--seed", "2"])
+    printed = capsys.readouterr().out
+    root, val = out / "kolektor", out / "kolektor_val"
+    tested = stems(root / "test/good") | stems(root / "test/defect")
+    validated = stems(val / "test/good") | stems(val / "test/defect")
+    assert {name.split("_")[0] for name in validated} == {"kos01"}
+    assert "kos01" not in {name.split("_")[0] for name in tested}
+    assert stems(val / "test/defect") == {"kos01_Part1"} and stems(root / "test/defect") == {"kos02_Part3"}
+    assert stems(val / "ground_truth/defect") == {"kos01_Part1_mask"}
+    assert stems(val / "train/good") == stems(root / "train/good")
+    plain = prepare_kolektor(kolektor_src, tmp_path / "plain", seed=2)
+    assert stems(root / "test/good") | stems(val / "test/good") == stems(plain.root / "test/good")
+    assert "Validation split" in printed and 'category="kolektor_val"' in printed
+
+    again = prepare_kolektor(kolektor_src, out, seed=2, val_share=0.34)  # the same settings: left as it is
+    assert not again.written and again.val_parts == ("kos01",) and again.val_defect == 1
+    datamodule = MVTecAD(root=out, category="kolektor_val", eval_batch_size=12, num_workers=0)
+    datamodule.setup()
+    assert len(datamodule.train_data) == len(stems(root / "train/good")) and len(datamodule.test_data) == len(validated)
+
+    with pytest.raises(KolektorError, match=r"holds out 1 of 3 commutators \(kos03\).*without a defective image"):
+        prepare_kolektor(kolektor_src, tmp_path / "bad", seed=0, val_share=0.34)
+    with pytest.raises(KolektorError, match=r"val_share must lie in \[0, 1\), got 1.0"):
+        prepare_kolektor(kolektor_src, tmp_path / "bad", val_share=1.0)
