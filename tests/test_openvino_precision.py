@@ -9,6 +9,8 @@ that finds the demo's defects: the tiny model's scores carry no signal yet (see 
 from __future__ import annotations
 
 import os
+from contextlib import suppress
+from pathlib import Path
 
 import numpy as np
 import openvino as ov
@@ -44,6 +46,28 @@ def bf16_unavailable() -> str | None:
 
 
 BF16_UNAVAILABLE = bf16_unavailable()
+
+
+def int8_without_vnni() -> str | None:
+    """Why OpenVINO's INT8 convolutions run without VNNI or AMX here (their u8 x s8 pair sums then saturate in int16,
+    which costs accuracy), or None."""
+    flags: set[str] = set()
+    with suppress(OSError, StopIteration):
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        flags = set(line.split(":", 1)[1].split())
+    if not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return "the CPU has no VNNI or AMX int8 instructions"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if not any(isa in cap for isa in ("ALL", "VNNI", "BF16", "AMX", "FP16", "AVX10")):
+        return f"ONEDNN_MAX_CPU_ISA={cap} caps OpenVINO's oneDNN below its VNNI kernels"
+    return None
+
+
+INT8_WITHOUT_VNNI = int8_without_vnni()
+# INT8 at f32 within 1 point of image AUROC and 2 of pixel AP, docs/deployment.md's promise, where the CPU has VNNI or
+# AMX. Without them (AVX2 kernels) docs/deployment.md says INT8 loses more: seen -3.8 / -0.4 points on this test's
+# fixture and -0.4 / -3.3 on the demo model; the bound then only guards against a broken quantisation (chance: -30).
+INT8_POINTS = (0.01, 0.02) if INT8_WITHOUT_VNNI is None else (0.06, 0.05)
 
 # The accuracy tests' test set. One swapped good/defective pair moves image AUROC by 1 / (good x defective): with
 # 100 x 100 images the promised point is 100 pairs, so kernel differences between CPUs (VNNI or AMX INT8, a few
@@ -202,7 +226,7 @@ def assert_keeps_accuracy(detector, outputs: dict[str, np.ndarray], points: tupl
     ``TEST_DEFECTIVE`` test images a point of image AUROC is 100 swapped good/defective pairs."""
     got = detection_accuracy(outputs["pred_score"], outputs["anomaly_map"], detector["labels"], detector["masks"])
     pairs = (detector["accuracy"][0] - got[0]) * TEST_GOOD * TEST_DEFECTIVE
-    print(f"{label}: image AUROC / pixel AP {got[0]:.4f} / {got[1]:.4f} ({pairs:+.0f} pairs swapped), PyTorch "
+    print(f"{label}: image AUROC / pixel AP {got[0]:.4f} / {got[1]:.4f} ({pairs:.0f} pairs lost), PyTorch "
           f"{detector['accuracy'][0]:.4f} / {detector['accuracy'][1]:.4f}")  # fmt: skip
     assert got[0] >= detector["accuracy"][0] - points[0] and got[1] >= detector["accuracy"][1] - points[1], (label, got)
 
@@ -211,9 +235,11 @@ def assert_keeps_accuracy(detector, outputs: dict[str, np.ndarray], points: tupl
 def test_int8_ptq_keeps_the_accuracy_at_f32(detector):
     """INT8 PTQ within 1 point of image AUROC (100 swapped pairs) and 2 of pixel AP at f32, the precision of CPUs
     without bf16: what docs/deployment.md promises (seen on this fixture: +0.1 / -0.1 points with AMX and with
-    VNNI kernels)."""
+    VNNI kernels). On CPUs without VNNI, ``INT8_POINTS``' wider bound (reason printed with ``-s``)."""
     outputs, _, _ = codes_at(detector["int8"], detector["images"], "f32")
-    assert_keeps_accuracy(detector, outputs, (0.01, 0.02), "INT8 PTQ IR at f32")
+    if INT8_WITHOUT_VNNI is not None:
+        print(f"INT8 within {INT8_POINTS} here: {INT8_WITHOUT_VNNI}")
+    assert_keeps_accuracy(detector, outputs, INT8_POINTS, "INT8 PTQ IR at f32")
 
 
 @pytest.mark.slow
