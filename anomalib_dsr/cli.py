@@ -105,14 +105,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
 def _prepare_kolektor(args: argparse.Namespace) -> None:
     try:
-        layout = prepare_kolektor(
-            args.src,
-            args.out,
-            test_good_share=args.test_good_share,
-            seed=args.seed,
-            force=args.force,
-            val_share=args.val_share,
-        )
+        layout = prepare_kolektor(args.src, args.out, args.test_good_share, args.seed, args.force, args.val_share)
     except KolektorError as error:
         raise SystemExit(f"anomalib-dsr prepare-kolektor: error: {error}") from None
     print(layout.summary())

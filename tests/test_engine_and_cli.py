@@ -81,18 +81,15 @@ QUIET_ARGS = [
 
 
 def test_cli_train_then_test_and_predict_from_checkpoint(vq_weights, demo_root, tiny_widths, tmp_path):
-    train = AnomalibCLI(
-        args=[
-            "train",
-            *model_args(vq_weights, tiny_widths),
-            *data_args(demo_root),
-            "--trainer.max_steps",
-            "6",
-            *QUIET_ARGS,
-            "--default_root_dir",
-            str(tmp_path / "train"),
-        ]
-    )
+    args = [
+        "train",
+        *model_args(vq_weights, tiny_widths),
+        *data_args(demo_root),
+        "--trainer.max_steps", "6",
+        *QUIET_ARGS,
+        "--default_root_dir", str(tmp_path / "train"),
+    ]  # fmt: skip
+    train = AnomalibCLI(args=args)
     assert train.model.global_step == 6
     assert train.model.phase2_steps == 4
     trained_metrics = {name: float(train.engine.trainer.callback_metrics[name]) for name in METRICS}
@@ -101,18 +98,15 @@ def test_cli_train_then_test_and_predict_from_checkpoint(vq_weights, demo_root, 
 
     # test/predict take every weight from the checkpoint: the VQ file is not needed any more.
     no_vq = tmp_path / "gone.pckl"
-    test = AnomalibCLI(
-        args=[
-            "test",
-            *model_args(no_vq, tiny_widths),
-            *data_args(demo_root),
-            "--ckpt_path",
-            str(checkpoint),
-            *QUIET_ARGS,
-            "--default_root_dir",
-            str(tmp_path / "test"),
-        ]
-    )
+    args = [
+        "test",
+        *model_args(no_vq, tiny_widths),
+        *data_args(demo_root),
+        "--ckpt_path", str(checkpoint),
+        *QUIET_ARGS,
+        "--default_root_dir", str(tmp_path / "test"),
+    ]  # fmt: skip
+    test = AnomalibCLI(args=args)
     tested = {name: float(test.engine.trainer.callback_metrics[name]) for name in METRICS}
     # Exact by construction: the checkpoint holds the trained weights bit for bit, and in one process both runs take
     # the algorithms timed first (the timed choices, _FASTEST and _ALGORITHM, are cached per architecture for the
@@ -122,42 +116,32 @@ def test_cli_train_then_test_and_predict_from_checkpoint(vq_weights, demo_root, 
     assert test.model.phase2_steps == 4
 
     images = demo_root / CATEGORY / "test" / "scratch"
-    predict = AnomalibCLI(
-        args=[
-            "predict",
-            *model_args(no_vq, tiny_widths),
-            "--data",
-            str(images),
-            "--ckpt_path",
-            str(checkpoint),
-            *QUIET_ARGS,
-            "--default_root_dir",
-            str(tmp_path / "predict"),
-        ]
-    )
+    args = [
+        "predict",
+        *model_args(no_vq, tiny_widths),
+        "--data", str(images),
+        "--ckpt_path", str(checkpoint),
+        *QUIET_ARGS,
+        "--default_root_dir", str(tmp_path / "predict"),
+    ]  # fmt: skip
+    predict = AnomalibCLI(args=args)
     check_predictions(predict.engine.trainer.predict_loop.predictions, len(list(images.glob("*.png"))))
 
 
 def test_cli_one_epoch_trains_both_phases_and_logs_them(vq_weights, demo_root, tiny_widths, tmp_path):
     """``--trainer.max_epochs 1``: 8 images in batches of 2 are 4 steps, 3 in phase 2 and 1 in phase 3."""
-    cli = AnomalibCLI(
-        args=[
-            "fit",
-            *model_args(vq_weights, tiny_widths),
-            *data_args(demo_root, train_batch_size=2),
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.log_every_n_steps",
-            "1",
-            "--trainer.logger",
-            "lightning.pytorch.loggers.CSVLogger",
-            "--trainer.logger.save_dir",
-            str(tmp_path / "logs"),
-            *QUIET_ARGS,
-            "--default_root_dir",
-            str(tmp_path / "fit"),
-        ]
-    )
+    args = [
+        "fit",
+        *model_args(vq_weights, tiny_widths),
+        *data_args(demo_root, train_batch_size=2),
+        "--trainer.max_epochs", "1",
+        "--trainer.log_every_n_steps", "1",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+        "--trainer.logger.save_dir", str(tmp_path / "logs"),
+        *QUIET_ARGS,
+        "--default_root_dir", str(tmp_path / "fit"),
+    ]  # fmt: skip
+    cli = AnomalibCLI(args=args)
     assert cli.model.global_step == 4
     assert cli.model.phase2_steps == round(4 * 2 / 3)
     (metrics_file,) = (tmp_path / "logs").rglob("metrics.csv")
