@@ -21,6 +21,7 @@ from anomalib_dsr.workflows.benchmark import BenchmarkConfigError, run_benchmark
 from anomalib_dsr.workflows.demo import DemoSettings, run_demo
 from anomalib_dsr.workflows.inspect import DIFF_MAX, InspectError, format_report, inspect
 from anomalib_dsr.workflows.pretrain_vq import pretrain_vq
+from anomalib_dsr.workflows.pretrain_warm_start import pretrain_warm_start, recipe_arguments
 
 
 def _pretrain_vq(args: argparse.Namespace) -> None:
@@ -44,6 +45,19 @@ def _pretrain_vq(args: argparse.Namespace) -> None:
         general=args.general,
     )
     print(f"VQ-VAE weights written to {path}")
+
+
+def _pretrain_warm_start(args: argparse.Namespace) -> None:
+    try:
+        arguments = recipe_arguments(args.config)
+    except (OSError, KeyError, TypeError) as error:
+        msg = f"anomalib-dsr pretrain-warm-start: error: {args.config} is not a recipe with model.init_args: {error}"
+        raise SystemExit(msg) from None
+    trainer_kwargs = {"accelerator": args.accelerator}
+    path = pretrain_warm_start(
+        args.output, arguments, args.max_steps, args.batch_size, args.seed, not args.no_resume, trainer_kwargs
+    )
+    print(f"Warm start written to {path}; train with --model.warm_start {path}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -142,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--num-embeddings", type=int, default=4096, help="Paper: 4096.")
     pretrain.add_argument("--embedding-dim", type=int, default=128, help="Paper: 128.")
     pretrain.set_defaults(func=_pretrain_vq)
+
+    warm = commands.add_parser(
+        "pretrain-warm-start", help="Train phases 2 and 3 once on general images: a warm start to fine-tune."
+    )
+    warm.add_argument("--config", required=True, help="The recipe whose Dsr arguments to use: configs/dsr_cpu.yaml.")
+    warm.add_argument("--output", required=True, help="Warm-start file to write (float16 weights).")
+    warm.add_argument("--max-steps", type=int, default=3000, help="Training steps on the general images.")
+    warm.add_argument("--batch-size", type=int, default=8, help="Batch size (paper: 8).")
+    warm.add_argument("--seed", type=int, default=0)
+    warm.add_argument("--no-resume", action="store_true", help="Start afresh even if a last.ckpt exists.")
+    warm.add_argument("--accelerator", default="auto")
+    warm.set_defaults(func=_pretrain_warm_start)
 
     demo = commands.add_parser("demo", help="Build the demo dataset, pretrain, train, test (offline, CPU).")
     demo.add_argument("--output", default="demo_output", help="Folder for all demo outputs.")

@@ -24,6 +24,8 @@ DOCUMENTED = {
     "anomalib_dsr.model.layers.autotune": ["fixed_algorithms", "run_fastest", "convolution_section"],
     "anomalib_dsr.model.callbacks": ["FiniteLossGuard", "RngStateCheckpoint", "FrozenModulesSetup"],
     "anomalib_dsr.model.original_format": ["WeightsError", "VQ_FILE_NAME"],
+    "anomalib_dsr.model.warm_start": ["load_warm_start", "warm_start_state"],
+    "anomalib_dsr.model.layers.precision": ["has_native_bf16", "resolve_training_precision"],
     "anomalib_dsr.checkpoints": ["load_dsr_checkpoint"],
     "anomalib_dsr.checkpoints.original_checkpoint": ["import_original", "export_original"],
     "anomalib_dsr.data.demo_data": ["make_demo_dataset"],
@@ -39,6 +41,7 @@ DOCUMENTED = {
     "anomalib_dsr.deploy.inference": ["DsrInferencer", "to_rgb"],
     "anomalib_dsr.workflows.demo": ["run_demo", "DemoSettings"],
     "anomalib_dsr.workflows.pretrain_vq": ["pretrain_vq"],
+    "anomalib_dsr.workflows.pretrain_warm_start": ["pretrain_warm_start"],
     "anomalib_dsr.workflows.inspect": ["inspect"],
     "anomalib_dsr.workflows.benchmark": ["run_benchmark", "BenchmarkConfigError"],
 }
@@ -69,8 +72,8 @@ def test_config_class_paths_resolve() -> None:
 
 @pytest.mark.parametrize(
     "command",
-    ["pretrain-vq", "demo", "import-original", "export-original", "paper-table", "benchmark", "inspect",
-     "prepare-kolektor"],
+    ["pretrain-vq", "pretrain-warm-start", "demo", "import-original", "export-original", "paper-table", "benchmark",
+     "inspect", "prepare-kolektor"],
 )  # fmt: skip
 def test_every_cli_command_answers_help(command: str, capsys) -> None:
     from anomalib_dsr.cli import main

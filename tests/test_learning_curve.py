@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import torch
+from anomalib.data import InferenceBatch
 from anomalib.engine import Engine
 from PIL import Image
 
@@ -54,4 +55,32 @@ def test_dsr_curve_uses_lo_map_until_phase_3(make_dsr, make_datamodule) -> None:
     datamodule = make_datamodule()
     datamodule.setup()
     metrics = evaluate(model, datamodule.test_dataloader())
-    assert set(metrics) == {"image_AUROC", "pixel_AP"} and all(0 <= v <= 1 for v in metrics.values())
+    assert set(metrics) == {"image_AUROC", "pixel_AP", "map_image_AUROC"}
+    assert all(0 <= v <= 1 for v in metrics.values())
+
+
+class MapOnly(torch.nn.Module):
+    """A model whose anomaly map marks the defect image's blob and whose image score ranks the images backwards."""
+
+    pre_processor = None
+    device = torch.device("cpu")
+
+    def model(self, images: torch.Tensor) -> InferenceBatch:
+        blob = images.mean(1)  # the defective test images carry a bright 9x9 square, the good ones are dark
+        return InferenceBatch(pred_score=images.mean((1, 2, 3)), anomaly_map=blob)
+
+
+def test_map_image_auroc_scores_the_map_through_the_score_window() -> None:
+    """A 9x9 bright square in 3 of 6 images: the map's windowed maximum separates them (AUROC 1) while the model's
+    own score puts them last (AUROC 0); a single bright pixel in the good images is smoothed away by the window."""
+    from anomalib.data import ImageBatch
+
+    images = torch.zeros(6, 3, 64, 64)
+    images[:3, :, 20:29, 30:39] = 1.0  # anomalous
+    images[3:, :, 5, 5] = 1.0  # one hot pixel: its 5x5 average (the window at 64 px) is 0.09, the square's 1.0
+    images[3:] += 0.05  # brighter on average than the anomalous ones: pred_score ranks them backwards
+    labels = torch.tensor([1, 1, 1, 0, 0, 0])
+    batch = ImageBatch(image=images, gt_label=labels, gt_mask=(images[:, :1] > 0.5).float())
+    metrics = evaluate(MapOnly(), [batch])
+    assert metrics["image_AUROC"] == 0.0
+    assert metrics["map_image_AUROC"] == 1.0

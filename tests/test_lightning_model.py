@@ -253,3 +253,60 @@ def test_eval_mode_warning_only_for_modules_other_than_the_frozen_vq(
     else:
         assert eval_warnings == []
     assert not any(f[1] is not None and "in eval mode" in f[1].pattern for f in remaining)
+
+
+PRECISION_CASES = [  # setting, whether the CPU has native bf16, the dtype training steps run in
+    ("auto", True, torch.bfloat16),
+    ("auto", False, torch.float32),
+    ("fp32", True, torch.float32),
+    ("bf16", False, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize(("setting", "native", "dtype"), PRECISION_CASES)
+def test_training_precision_sets_the_dtype_of_training_steps_only(
+    make_dsr, make_datamodule, tmp_path, monkeypatch, setting, native, dtype
+):
+    """``training_precision`` decides the decoders' and U-Nets' dtype in training steps ("auto": by the CPU, here
+    faked); validation stays fp32. A wrong value is refused when the model is built."""
+    import anomalib_dsr.model.lightning_model as lightning_model
+
+    chosen = "bf16" if native else "fp32"
+    monkeypatch.setattr(
+        lightning_model, "resolve_training_precision", lambda value, _: chosen if value == "auto" else value
+    )
+    model = make_dsr(training_precision=setting)
+    seen: list[tuple[bool, torch.dtype]] = []
+    for module in (model.model.object_decoder, model.model.upsampling):
+        module.register_forward_hook(lambda module, args, out: seen.append((module.training, out.dtype)))
+    engine = Engine(max_steps=3, default_root_dir=tmp_path, logger=False, limit_val_batches=1, **TRAINER_KWARGS)
+    engine.fit(model, datamodule=make_datamodule())
+    trained = [dtype_ for training, dtype_ in seen if training]
+    validated = [dtype_ for training, dtype_ in seen if not training]
+    assert trained and set(trained) == {dtype}  # phase 2's D_spc and phase 3's upsampling U-Net
+    assert validated and set(validated) == {torch.float32}
+    with pytest.raises(ValueError, match="training_precision must be one of"):
+        make_dsr(training_precision="16-mixed")
+
+
+def test_general_decoder_trains_without_d_spc_and_refuses_the_authors_layout(make_dsr, make_datamodule, tmp_path):
+    """``spc_decoder="general"``: phase 2 trains the restriction modules and the anomaly detection U-Net only (D_gen
+    stays frozen), and the authors' six-file layout, which needs a D_spc, is refused with the reason."""
+    from anomalib_dsr.checkpoints.original_checkpoint import save_original
+    from anomalib_dsr.model.original_format import WeightsError
+
+    model = make_dsr(spc_decoder="general")
+    model.load_vq_weights()  # as fitting will: the weights D_gen must keep
+    frozen = {key: value.clone() for key, value in model.model.vq.state_dict().items()}
+    restriction = [p.clone() for p in model.model.restriction_hi.parameters()]
+    engine = Engine(max_steps=3, default_root_dir=tmp_path, logger=False, limit_val_batches=0, **TRAINER_KWARGS)
+    engine.fit(model, datamodule=make_datamodule())
+    phase2 = model.optimizers().param_groups[0]["params"]
+    expected = [*model.model.restriction_lo.parameters(), *model.model.restriction_hi.parameters(),
+                *model.model.anomaly_detection.parameters()]  # fmt: skip
+    assert {id(p) for p in phase2} == {id(p) for p in expected}
+    assert any(not torch.equal(a, b) for a, b in zip(restriction, model.model.restriction_hi.parameters()))
+    for key, value in model.model.vq.state_dict().items():
+        assert torch.equal(value, frozen[key]), key  # exact: frozen weights are never written
+    with pytest.raises(WeightsError, match=r"spc_decoder='general'.*DSR_image_recon_module"):
+        save_original(model.model, tmp_path / "original", "gravel")

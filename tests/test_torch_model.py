@@ -272,3 +272,26 @@ def test_bf16_training_keeps_fp32_codes(model: DsrModel) -> None:
     for name in ("restricted_lo", "restricted_hi", "target_lo", "target_hi", "target_mask"):
         assert torch.equal(getattr(bf16, name), getattr(fp32, name)), name
     assert bf16.image_spc.dtype == bf16.logits_lo.dtype == torch.bfloat16
+
+
+def test_general_decoder_shows_kept_codes_as_i_gen_does(tiny_widths: dict[str, int]) -> None:
+    """``spc_decoder="general"``: no D_spc; I_spc is D_gen's image of the restricted codes, so where the restriction
+    keeps every code I_spc equals I_gen, while the paper's D_spc draws its own image of the same codes."""
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    general = DsrModel(**tiny_widths, spc_decoder="general").eval()
+    torch.manual_seed(0)
+    specific = DsrModel(**tiny_widths).eval()
+    assert general.object_decoder is None and specific.object_decoder is not None
+    with torch.no_grad():
+        changed = general.stages(images)  # untrained restriction modules move the codes
+        for model in (general, specific):
+            model.restriction_lo.forward = model.restriction_hi.forward = lambda q: q  # keep every code
+        kept, paper = general.stages(images), specific.stages(images)
+    # The re-quantised codes are the input codes up to the straight-through estimator's rounding, z + (code - z):
+    # one ulp of a code (1.2e-7 seen), which D_gen carries into the image at 3e-8; a changed code moves it > 1e-3.
+    torch.testing.assert_close(kept.image_spc, kept.image_gen, rtol=0, atol=1e-6)
+    assert (changed.image_spc - changed.image_gen).abs().amax() > 1e-3
+    assert (paper.image_spc - paper.image_gen).abs().amax() > 1e-3
+    with pytest.raises(ValueError, match=r"spc_decoder must be one of \('specific', 'general'\), got 'D_gen'"):
+        DsrModel(**tiny_widths, spc_decoder="D_gen")

@@ -36,6 +36,7 @@ from anomalib_dsr.checkpoints.loading import load_dsr_checkpoint
 from anomalib_dsr.model.lightning_model import Dsr
 from anomalib_dsr.model.original_format import (
     ALL_FORMATS,
+    RECON_FORMAT,
     VQ_FILE_NAME,
     VQ_FORMAT,
     WIDTH_KEYS,
@@ -123,6 +124,12 @@ def save_original(model: DsrModel, output: str | Path, category: str) -> list[Pa
     The authors' code reads one general VQ-VAE file for every category, so an existing
     ``vq_model_pretrained_128_4096.pckl`` in ``output`` that differs from ``model``'s is an error.
     """
+    if model.object_decoder is None:
+        msg = (
+            "This model decodes I_spc with the general decoder (spc_decoder='general') and has no D_spc; the authors' "
+            f"layout needs one ({RECON_FORMAT.file_name}). Keep the Lightning checkpoint or the OpenVINO export."
+        )
+        raise WeightsError(msg)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     paths = []

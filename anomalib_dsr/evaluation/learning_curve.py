@@ -2,8 +2,9 @@
 
 :class:`LearningCurve` is a Lightning callback for any anomalib model trained by steps (DSR, DRAEM, …). At
 ``points`` evenly spaced steps it runs the model in eval mode over the datamodule's test images and records
-image AUROC (``pred_score``) and pixel AP (``anomaly_map`` against the masks, when the test set has masks),
-with the training wall time so far (evaluation time excluded). A memory-bank model (anomalib's
+image AUROC (``pred_score``), pixel AP (``anomaly_map`` against the masks, when the test set has masks) and the image
+AUROC of a score taken from the anomaly map itself (its maximum after DSR's score window, the lever "image score from
+the upsampled map"), with the training wall time so far (evaluation time excluded). A memory-bank model (anomalib's
 ``MemoryBankMixin``: PatchCore, PaDiM, …) only collects features and can score nothing before its bank is built
 at the end of the epoch: its curve is one point, measured when training ends.
 It is a report of progress on the test set; nothing is selected on it.
@@ -25,11 +26,14 @@ from anomalib.models.components import MemoryBankMixin
 from lightning.pytorch.callbacks import Callback
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
+from anomalib_dsr.model.torch_model import score_window_for, window_max
+
 logger = logging.getLogger(__name__)
 
 
 class LearningCurve(Callback):
-    """Records ``{"step", "train_seconds", "image_AUROC", "pixel_AP"}`` at ``points`` steps into :attr:`rows`.
+    """Records ``{"step", "train_seconds", "image_AUROC", "pixel_AP", "map_image_AUROC"}`` at ``points`` steps into
+    :attr:`rows`.
 
     Args:
         points: number of evaluations, evenly spaced over the trainer's steps (the last one at the end).
@@ -92,37 +96,49 @@ class LearningCurve(Callback):
 
 @torch.no_grad()
 def evaluate(pl_module: pl.LightningModule, dataloader: torch.utils.data.DataLoader) -> dict[str, float]:
-    """Image AUROC and pixel AP of ``pl_module`` on ``dataloader``'s anomalib batches; modes restored after.
+    """Image AUROC, pixel AP and map image AUROC of ``pl_module`` on ``dataloader``'s anomalib batches; modes restored
+    after.
 
-    The model sees the pre-processor's transform of each image (as in testing); maps are resized to the masks.
+    The model sees the pre-processor's transform of each image (as in testing); maps are resized to the masks. The map
+    image score is the maximum of the anomaly map at the model's resolution averaged over :func:`score_window_for` its
+    size (DSR's image score, applied to the final map instead of P_lo).
     A module may define ``curve_predictions(images)`` to say which outputs stand for it mid-training.
     """
     modes = {module: module.training for module in pl_module.modules()}
     pl_module.eval()
     predict = getattr(pl_module, "curve_predictions", pl_module.model)
     transform = getattr(pl_module.pre_processor, "transform", None)
-    scores, labels, maps, masks = [], [], [], []
+    scores, map_scores, labels, maps, masks = [], [], [], [], []
     try:
         for batch in dataloader:
             images = batch.image.to(pl_module.device)
             output = predict(transform(images) if transform is not None else images)
             scores.append(output.pred_score.flatten().float().cpu())
             labels.append(batch.gt_label.flatten().int().cpu())
-            if batch.gt_mask is not None and output.anomaly_map is not None:
+            if output.anomaly_map is None:
+                continue
+            amap = output.anomaly_map.reshape(len(images), 1, *output.anomaly_map.shape[-2:]).float().cpu()
+            map_scores.append(window_max(amap, score_window_for(*amap.shape[-2:])))
+            if batch.gt_mask is not None:
                 mask = batch.gt_mask.reshape(len(images), 1, *batch.gt_mask.shape[-2:])
-                amap = output.anomaly_map.reshape(len(images), 1, *output.anomaly_map.shape[-2:]).float().cpu()
                 maps.append(F.interpolate(amap, size=mask.shape[-2:], mode="bilinear", align_corners=False).flatten())
                 masks.append(mask.flatten().int().cpu())
     finally:
         for module, mode in modes.items():
             module.train(mode)
     labels_all = torch.cat(labels)
-    scores_all = unit_interval(torch.cat(scores))
-    row = {"image_AUROC": float(binary_auroc(scores_all, labels_all)) if labels_all.unique().numel() == 2 else math.nan}
+    both_labels = labels_all.unique().numel() == 2
+    row = {
+        "image_AUROC": float(binary_auroc(unit_interval(torch.cat(scores)), labels_all)) if both_labels else math.nan
+    }
     masks_all = torch.cat(masks) if masks else None
     has_pixels = masks_all is not None and masks_all.any()
     maps_all = unit_interval(torch.cat(maps)) if has_pixels else None
     row["pixel_AP"] = float(binary_average_precision(maps_all, masks_all)) if has_pixels else math.nan
+    has_map_scores = both_labels and len(map_scores) == len(scores)
+    row["map_image_AUROC"] = (
+        float(binary_auroc(unit_interval(torch.cat(map_scores)), labels_all)) if has_map_scores else math.nan
+    )
     return row
 
 

@@ -34,6 +34,7 @@ from torchvision.transforms.v2 import Compose, Normalize, Resize, Transform
 from anomalib_dsr.data.data_check import check_datamodule
 from anomalib_dsr.model.anomaly_generator import ImageAnomalyGenerator, perlin_masks, random_rotate
 from anomalib_dsr.model.callbacks import FiniteLossGuard, FrozenModulesSetup, RngStateCheckpoint
+from anomalib_dsr.model.layers.precision import check_training_precision, resolve_training_precision
 from anomalib_dsr.model.loss import DsrLoss
 from anomalib_dsr.model.original_format import (
     VQ_FILE_NAME,
@@ -43,6 +44,7 @@ from anomalib_dsr.model.original_format import (
     read_state_dict,
 )
 from anomalib_dsr.model.torch_model import DsrModel, check_image_size
+from anomalib_dsr.model.warm_start import load_warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,9 @@ class Dsr(AnomalibModule):
         image_size: side(s) the default pre-processor resizes to (paper: 256x256); multiples of 32.
         vq_weights: general VQ-VAE weights in the original layout. ``None``: anomalib's pretrained
             weights directory, ``<cache>/pre_trained/dsr/vq_model_pretrained_128_4096.pckl``.
+        warm_start: a warm-start file (:mod:`anomalib_dsr.model.warm_start`, ``anomalib-dsr pretrain-warm-start``):
+            the restriction modules, D_spc and both U-Nets start from weights trained on general images instead of
+            the paper's random initialisation (a departure); loaded with the VQ-VAE when fitting starts.
         phase_ratio: phase-2 steps per phase-3 step (paper: 2, i.e. 100,000 : 50,000).
         learning_rate: Adam learning rate of both phases (paper: 2e-4).
         lr_decay_at: share of phase 2 after which its LR is multiplied by ``lr_decay`` (paper: 0.8).
@@ -90,16 +95,24 @@ class Dsr(AnomalibModule):
             without native bf16; on GPUs it is the layout tensor cores use, not measured here (README, "Speed").
             Inference on CPU times Winograd against direct algorithms for the U-Nets' and D_spc's 3x3 convolutions
             either way.
+        spc_decoder: ``"specific"``: I_spc from a D_spc learnt per category (paper); ``"general"``: from the frozen
+            general decoder D_gen, no D_spc (a departure; the authors' file layout then cannot be written).
+        training_precision: ``"fp32"`` (the paper's), ``"bf16"``: training steps under bf16 autocast, or ``"auto"``:
+            bf16 where the device computes it natively (CPUs with AMX or AVX512-BF16, CUDA GPUs with bf16), fp32
+            elsewhere, where emulated bf16 is slower; chosen when fitting starts and logged. Validation, test and
+            predictions stay fp32.
 
-    Mixed precision: ``Engine(precision="bf16-mixed")`` (or ``Trainer``) trains and tests under bf16 autocast; the
-    general VQ-VAE's encoders and distances, phase 2's replacement codes and the restriction modules stay in fp32, so
-    the codes are an fp32 run's; the decoders and U-Nets run in bf16 (docs/speed.md has its speed and accuracy).
+    Mixed precision: ``training_precision``, or ``Engine(precision="bf16-mixed")`` (or ``Trainer``) to train and test
+    under bf16 autocast; the general VQ-VAE's encoders and distances, phase 2's replacement codes and the restriction
+    modules stay in fp32, so the codes are an fp32 run's; the decoders and U-Nets run in bf16 (docs/speed.md has its
+    speed and accuracy).
     """
 
     def __init__(
         self,
         image_size: int | tuple[int, int] = (256, 256),
         vq_weights: str | Path | None = None,
+        warm_start: str | Path | None = None,
         phase_ratio: float = 2.0,
         learning_rate: float = 2e-4,
         lr_decay_at: float = 0.8,
@@ -114,6 +127,8 @@ class Dsr(AnomalibModule):
         decoder_bottleneck: int = 64,
         unet_width: int = 64,
         channels_last: bool = False,
+        spc_decoder: str = "specific",
+        training_precision: str = "fp32",
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -131,7 +146,11 @@ class Dsr(AnomalibModule):
             msg = f"phase_ratio must be positive (phase-2 steps per phase-3 step), got {phase_ratio}."
             raise ValueError(msg)
         self.check_transform(self.pre_processor.transform if isinstance(self.pre_processor, PreProcessor) else None)
+        check_training_precision(training_precision)
+        self.training_precision = training_precision
+        self.train_dtype = torch.float32  # fixed when fitting starts (``training_precision``)
         self.vq_weights = vq_weights
+        self.warm_start = warm_start
         self.phase_ratio = phase_ratio
         self.learning_rate = learning_rate
         self.lr_decay_at = lr_decay_at
@@ -147,6 +166,7 @@ class Dsr(AnomalibModule):
             latent_anomaly_strength,
             score_window,
             channels_last,
+            spc_decoder,
         )
         self.loss = DsrLoss()
         self.image_anomalies = ImageAnomalyGenerator()
@@ -176,11 +196,17 @@ class Dsr(AnomalibModule):
             check_datamodule(datamodule, transform, check_image_size)
 
     def on_fit_start(self) -> None:
-        """Unless resuming, load the general VQ-VAE. Not in ``setup``: Lightning sets ``trainer.ckpt_path``
-        for this run only after ``setup`` (there it still holds the previous run's path)."""
+        """Unless resuming, load the general VQ-VAE and the warm start, if any. Not in ``setup``: Lightning sets
+        ``trainer.ckpt_path`` for this run only after ``setup`` (there it still holds the previous run's path)."""
         super().on_fit_start()
         if self.trainer.ckpt_path is None:
             self.load_vq_weights()
+            if self.warm_start is not None:
+                load_warm_start(self.model, self.warm_start)
+                logger.info("Warm start of phases 2 and 3 from %s", self.warm_start)
+        chosen = resolve_training_precision(self.training_precision, self.device.type)
+        self.train_dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
+        logger.info("DSR trains in %s (training_precision=%r on %s).", chosen, self.training_precision, self.device)
 
     def configure_callbacks(self) -> list[Callback]:
         """anomalib's (pre- and post-processor, evaluator, visualizer), then the non-finite loss guard, the random
@@ -220,6 +246,7 @@ class Dsr(AnomalibModule):
             )
         model = self.model
         phase2 = [model.restriction_lo, model.restriction_hi, model.object_decoder, model.anomaly_detection]
+        phase2 = [module for module in phase2 if module is not None]  # no D_spc with spc_decoder="general"
         # The fused Adam kernel (CPU and CUDA): the same update, several times faster than the per-tensor loop.
         fused = self.device.type in ("cpu", "cuda")
         optimizer = torch.optim.Adam(
@@ -262,15 +289,18 @@ class Dsr(AnomalibModule):
         del args, kwargs
         images = batch.image
         phase = self.phase
-        if phase == 2:
-            images = random_rotate(images, self.rotation_probability)
-            masks = perlin_masks(images.shape[0], images.shape[-2], images.shape[-1], images.device).to(images.dtype)
-            terms = self.loss.restriction(self.model.forward_restriction_training(images, masks))
-            self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, on_step=True, on_epoch=False)
-            loss = terms["loss"]
-        else:
-            images, masks = self.image_anomalies(images)
-            loss = self.loss.upsampling(self.model.forward_upsampling_training(images), masks)
+        bf16 = self.train_dtype == torch.bfloat16
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if phase == 2:
+                images = random_rotate(images, self.rotation_probability)
+                batch_size, _, height, width = images.shape
+                masks = perlin_masks(batch_size, height, width, images.device).to(images.dtype)
+                terms = self.loss.restriction(self.model.forward_restriction_training(images, masks))
+                self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "loss"}, on_step=True, on_epoch=False)
+                loss = terms["loss"]
+            else:
+                images, masks = self.image_anomalies(images)
+                loss = self.loss.upsampling(self.model.forward_upsampling_training(images), masks)
         self.log("train/phase", float(phase), on_step=True, on_epoch=False)
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True)
         return {"loss": loss}

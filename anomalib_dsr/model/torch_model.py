@@ -10,7 +10,8 @@ of docs/method.md it implements; shapes for a 3x256x256 input at the paper's wid
    Q_hi = nearest entry of K_hi, 128x64x64;
 3. I_gen = D_gen([up(Q_lo), Q_hi]), 3x256x256 (docs/method.md#shapes);
 4. F̃_lo = restriction_lo(Q_lo), F̃_hi = restriction_hi(Q_hi), re-quantised with the same codebooks to
-   Q̃_lo, Q̃_hi; I_spc = D_spc([up(Q̃_lo), Q̃_hi]) with the same frozen ``up`` (docs/method.md#shapes);
+   Q̃_lo, Q̃_hi; I_spc = D_spc([up(Q̃_lo), Q̃_hi]) with the same frozen ``up`` (docs/method.md#shapes), or
+   D_gen([up(Q̃_lo), Q̃_hi]) with ``spc_decoder="general"`` (a departure from the paper);
 5. M_lo = anomaly_detection(concat(I_spc, I_gen)), 2x256x256 logits; P_lo = softmax(M_lo) over the two
    channels (docs/method.md#shapes);
 6. M = upsampling(concat(I_spc, I_gen, P_lo)) (docs/method.md#shapes);
@@ -35,6 +36,8 @@ from anomalib_dsr.model.object_decoder import ObjectSpecificDecoder
 from anomalib_dsr.model.subspace_restriction import SubspaceRestriction
 from anomalib_dsr.model.unet import UNet
 from anomalib_dsr.model.vq_vae import Encoded, GeneralVQVAE
+
+SPC_DECODERS = ("specific", "general")
 
 
 def check_image_size(height: int, width: int) -> None:
@@ -120,6 +123,9 @@ class DsrModel(nn.Module):
             tensor cores and oneDNN's bf16 kernels work in); slower on this project's CPU (README "Speed").
             Inference on CPU times Winograd against direct algorithms for the U-Nets' and D_spc's 3x3 convolutions
             either way (:class:`~anomalib_dsr.model.layers.TimedConv3x3`).
+        spc_decoder: what decodes the restricted codes into I_spc: ``"specific"``, a D_spc learnt per category
+            (paper), or ``"general"``, the frozen D_gen (a departure: no D_spc; where the restriction keeps a code,
+            I_spc shows it as I_gen does).
     """
 
     def __init__(
@@ -133,14 +139,22 @@ class DsrModel(nn.Module):
         latent_anomaly_strength: float = 0.2,
         score_window: int | None = None,
         channels_last: bool = False,
+        spc_decoder: str = "specific",
     ) -> None:
         super().__init__()
+        if spc_decoder not in SPC_DECODERS:
+            msg = f"spc_decoder must be one of {SPC_DECODERS}, got {spc_decoder!r}."
+            raise ValueError(msg)
         self.vq = GeneralVQVAE(channels, res_hidden, num_embeddings, embedding_dim)
         self.vq.requires_grad_(False)
         self.vq.eval()  # frozen from the start: Lightning >= 2.2 keeps the modes modules have when fitting starts
         self.restriction_lo = SubspaceRestriction(embedding_dim)
         self.restriction_hi = SubspaceRestriction(embedding_dim)
-        self.object_decoder = ObjectSpecificDecoder(2 * embedding_dim, decoder_bottleneck, channels, res_hidden)
+        self.object_decoder = (
+            ObjectSpecificDecoder(2 * embedding_dim, decoder_bottleneck, channels, res_hidden)
+            if spc_decoder == "specific"
+            else None
+        )
         self.anomaly_detection = UNet(6, unet_width)
         init_normal_(self.anomaly_detection)  # docs/method.md#modules: N(0, 0.02)
         self.upsampling = UNet(8, unet_width)
@@ -185,10 +199,15 @@ class DsrModel(nn.Module):
             )
         return restricted_lo, restricted_hi, joined
 
+    def decode_spc(self, joined: torch.Tensor) -> torch.Tensor:
+        """I_spc ``(B, 3, H, W)`` from [up(Q̃_lo), Q̃_hi] ``(B, 2D, H/4, W/4)``: D_spc, or the frozen D_gen."""
+        decoder = self.vq.decoder if self.object_decoder is None else self.object_decoder
+        return decoder(joined)
+
     def restore(self, q_lo: torch.Tensor, q_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Subspace restriction and D_spc: returns F̃_lo, F̃_hi and I_spc ``(B, 3, H, W)``."""
+        """Subspace restriction and I_spc's decoder: returns F̃_lo, F̃_hi and I_spc ``(B, 3, H, W)``."""
         restricted_lo, restricted_hi, joined = self.restrict(q_lo, q_hi)
-        return restricted_lo, restricted_hi, self.object_decoder(joined)
+        return restricted_lo, restricted_hi, self.decode_spc(joined)
 
     def detect(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Steps 1–5 on RGB images: returns I_spc, I_gen and P_lo = softmax(M_lo) ``(B, 2, H, W)``.
@@ -205,7 +224,7 @@ class DsrModel(nn.Module):
         if torch.is_autocast_enabled(device) and not self.training:
             joined_gen, joined_spc = (x.contiguous(memory_format=torch.channels_last) for x in (joined_gen, joined_spc))
         image_gen = self.vq.decoder(joined_gen)
-        image_spc = self.object_decoder(joined_spc)
+        image_spc = self.decode_spc(joined_spc)
         probs_lo = self.anomaly_detection(torch.cat((image_spc, image_gen), dim=1)).softmax(dim=1)
         return image_spc, image_gen, probs_lo
 
